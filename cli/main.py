@@ -1,0 +1,171 @@
+"""The ``medtvt`` command line.
+
+Every user-input problem (unknown plugin, bad config value, broken file) ends in one line
+``error: ...`` on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from medtvt_core.errors import MedtvtError
+
+
+class _Group(click.Group):
+    """A click group that turns :class:`MedtvtError` into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MedtvtError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="medtvt")
+def cli() -> None:
+    """medtvt: multimodal medical reasoning with LLMs (MedTVT-R1), built from plugins.
+
+    \b
+    Start here:
+      medtvt run --preset demo            train PT -> SFT -> RFT and evaluate on a synthetic cohort
+      medtvt plugins list                 encoders, fusion layers, rewards, LLMs installed
+      medtvt config show --preset paper   the paper's settings, with overrides applied
+    """
+
+
+# ----------------------------------------------------------------------------- plugins
+@cli.group(cls=_Group)
+def plugins() -> None:
+    """Inspect installed plugins (entry-point group ``medtvt``)."""
+
+
+@plugins.command("list")
+@click.option("--kind", type=click.Choice(["modalities", "encoders", "fusion", "rewards", "llms"]), help="Only this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_list(kind: str | None, as_json: bool) -> None:
+    """List registered plugins by kind, with the distribution that ships each."""
+    from medtvt_core.plugins import get_catalog
+
+    cat = get_catalog()
+    data = cat.as_dict()
+    if kind:
+        data = {kind: data[kind], "failures": data["failures"]}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for k, reg in cat.registries.items():
+            if kind and k != kind:
+                continue
+            click.echo(f"{k}:")
+            for spec in reg.specs():
+                click.echo(f"  {spec.name:<14} {spec.dist:<16} {spec.description}")
+        for f in cat.failures:
+            click.echo(f"warning: {f}", err=True)
+    if cat.failures:
+        # Broken plugins are reported but do not hide the working ones.
+        for f in cat.failures if as_json else ():
+            click.echo(f"warning: {f}", err=True)
+
+
+@plugins.command("check")
+@click.argument("kind", type=click.Choice(["modalities", "encoders", "fusion", "rewards", "llms"]))
+@click.argument("name")
+def plugins_check(kind: str, name: str) -> None:
+    """Run the contract checks of KIND on plugin NAME; exit 1 on violations."""
+    from medtvt_core.plugins import get_catalog
+    from medtvt_core.testing.checks import check_plugin
+
+    spec = get_catalog()[kind].spec(name)
+    problems = check_plugin(spec)
+    for p in problems:
+        click.echo(f"FAIL {kind}/{name}: {p}")
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok {kind}/{name}: contract satisfied")
+
+
+# ----------------------------------------------------------------------------- config
+def config_options(f: Any) -> Any:
+    """Options shared by every command that resolves a RunConfig."""
+    opts = [
+        click.option("--preset", help="Start from a preset: demo or paper."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML or TOML config file."),
+        click.option("--fusion", help="Fusion plugin: mpl, cmha, cao, none, ..."),
+        click.option("--modalities", help="Comma list, e.g. ecg,lab (others are treated as absent)."),
+        click.option("--rewards", help="Comma list of reward plugins, e.g. format,jaccard."),
+        click.option("--stages", help="Comma list from pt,sft,rft."),
+        click.option("--out", "output_dir", type=click.Path(file_okay=False), help="Run directory."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any field, e.g. --set rft.num_generations=4 (repeatable)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, *, default_preset=None):
+    from medtvt_core.config import resolve_config, validate_plugins
+
+    if not preset and not config_file:
+        preset = default_preset
+    cfg = resolve_config(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities,
+                         rewards=rewards, stages=stages, output_dir=output_dir, sets=list(sets))
+    validate_plugins(cfg)
+    return cfg
+
+
+@cli.group(cls=_Group)
+def config() -> None:
+    """Show and check run configurations."""
+
+
+@config.command("show")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
+def config_show(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, as_json) -> None:
+    """Print the resolved configuration (preset < file < flags < --set)."""
+    from medtvt_core.config import dump_config
+
+    cfg = resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, default_preset="demo")
+    click.echo(cfg.model_dump_json(indent=2) if as_json else dump_config(cfg), nl=not as_json or True)
+
+
+@config.command("presets")
+def config_presets() -> None:
+    """List the shipped presets."""
+    from medtvt_core.config import preset_names
+
+    for n in preset_names():
+        click.echo(n)
+
+
+def _add_optional_commands() -> None:
+    """Attach command groups that live in their own modules (data, run, eval, ...)."""
+    import importlib
+
+    for module, attr in (("medtvt_cli.data", "data_group"), ("medtvt_cli.run", "COMMANDS")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        obj = getattr(mod, attr)
+        for cmd in obj if isinstance(obj, (list, tuple)) else [obj]:
+            cli.add_command(cmd)
+
+
+_add_optional_commands()
+
+
+def main() -> None:
+    cli(prog_name="medtvt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""Run configuration: one pydantic :class:`RunConfig`, presets, file loading, overrides.
+
+Only the orchestrator turns these into constructor keyword arguments; plugins never read a
+``RunConfig``.  Plugin options (``encoders.<modality>.options``, ``fusion.options``,
+``llm.options``) are checked against each plugin's own config model by :func:`validate_plugins`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+STAGES = ("pt", "sft", "rft")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PluginRef(_Strict):
+    """A plugin by registry name plus its options (validated by the plugin's config model)."""
+
+    name: str = Field(description="registry name of the plugin")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the plugin")
+
+
+class SynthConfig(_Strict):
+    n_patients: int = Field(400, ge=8, description="patients in the synthetic cohort")
+    seed: int = Field(0, description="seed of the synthetic cohort")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of patients in the test split")
+
+
+class DataConfig(_Strict):
+    root: Path | None = Field(None, description="dataset root; None: synthesise the embedded cohort into <out>/data")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    pt_files: list[str] = Field(default_factory=lambda: ["qa/pt_ecg.json", "qa/pt_cxr.json", "qa/pt_lab.json"],
+                                description="physiological QA files (relative to root) for PT")
+    train_file: str = Field("qa/disease_train.json", description="disease-level QA for SFT/RFT")
+    test_file: str = Field("qa/disease_test.json", description="disease-level QA for evaluation")
+    on_bad_sample: Literal["skip", "fail"] = Field("fail", description="what a bad record does: skip (counted, logged) or fail")
+    cache_dir: Path | None = Field(None, description="feature cache; None: <out>/cache")
+    use_cache: bool = Field(True, description="cache frozen-encoder features across epochs and stages")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    modality_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                        description="reader options per modality name")
+
+
+class ProjectorConfig(_Strict):
+    tokens_per_modality: int = Field(1, ge=1, le=64, description="K tokens per modality (1 as in the paper)")
+    blocks: int = Field(3, ge=0, le=12, description="residual SwiGLU blocks after the input linear")
+
+
+class StageConfig(_Strict):
+    epochs: float = Field(20, gt=0, description="training epochs")
+    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: epochs decide)")
+    batch_size: int = Field(8, ge=1, description="per-device batch size")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-6, ge=0, description="final learning rate of the cosine schedule")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_length: int = Field(600, ge=16, description="max tokens of prompt + answer")
+    train_extras: bool = Field(True, description="also train LLM norms, biases and token embeddings (reference)")
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: each epoch)")
+
+
+class RFTConfig(_Strict):
+    max_steps: int = Field(500, ge=1, description="GRPO iterations")
+    batch_size: int = Field(8, ge=1, description="prompts per step (before x num_generations)")
+    grad_accum: int = Field(2, ge=1)
+    num_generations: int = Field(8, ge=2, description="G completions per prompt")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta: float = Field(0.04, ge=0, description="KL coefficient to the frozen SFT reference")
+    epsilon: float = Field(0.2, gt=0, description="PPO clip range (lower)")
+    epsilon_high: float | None = Field(None, description="upper clip range (DAPO); None: epsilon")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description="loss aggregation as in TRL")
+    scale_rewards: bool = Field(True, description="divide advantages by the group std")
+    num_iterations: int = Field(1, ge=1, description="optimisation passes per generation batch (mu)")
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_prompt_length: int = Field(256, ge=8)
+    max_completion_length: int = Field(600, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(50, ge=1)
+
+
+class RewardRef(_Strict):
+    name: str
+    weight: float = 1.0
+
+
+class EvalConfig(_Strict):
+    max_new_tokens: int = Field(600, ge=1)
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N test records")
+    do_sample: bool = Field(False, description="greedy decoding by default")
+    metrics: list[str] = Field(default_factory=lambda: ["bleu", "rouge", "meteor", "bertscore"])
+    wordnet_dir: Path | None = Field(None, description="NLTK data dir with corpora/wordnet (METEOR)")
+    bertscore_model: Path | None = Field(None, description="local checkpoint for BERTScore (e.g. roberta-large)")
+    bertscore_layers: int | None = Field(None, ge=1)
+
+
+def _default_encoders() -> dict[str, PluginRef]:
+    return {
+        "ecg": PluginRef(name="ecgfm-ked"),
+        "cxr": PluginRef(name="vit"),
+        "lab": PluginRef(name="symile"),
+    }
+
+
+class RunConfig(_Strict):
+    """Everything a run needs; written to ``<output_dir>/config.yaml``."""
+
+    preset: str | None = Field(None, description="preset this config started from")
+    seed: int = Field(0)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    output_dir: Path = Field(Path("runs/demo"))
+    stages: list[Literal["pt", "sft", "rft"]] = Field(default_factory=lambda: list(STAGES))
+    evaluate: bool = Field(True, description="evaluate after the last stage")
+    data: DataConfig = Field(default_factory=DataConfig)
+    modalities: list[str] = Field(default_factory=lambda: ["ecg", "cxr", "lab"])
+    encoders: dict[str, PluginRef] = Field(default_factory=_default_encoders)
+    projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
+    fusion: PluginRef = Field(default_factory=lambda: PluginRef(name="mpl"))
+    llm: PluginRef = Field(default_factory=lambda: PluginRef(name="llama-lora"))
+    pt: StageConfig = Field(default_factory=StageConfig)
+    sft: StageConfig = Field(default_factory=StageConfig)
+    rft: RFTConfig = Field(default_factory=RFTConfig)
+    rewards: list[RewardRef] = Field(default_factory=lambda: [RewardRef(name="format"), RewardRef(name="jaccard")])
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("modalities")
+    @classmethod
+    def _mods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one modality is required")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate modality in {v}")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one stage is required")
+        order = [s for s in STAGES if s in v]
+        if order != list(v) or len(set(v)) != len(v):
+            raise ValueError(f"stages must be a subset of pt, sft, rft in that order, got {','.join(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _encoders_cover_modalities(self) -> "RunConfig":
+        missing = [m for m in self.modalities if m not in self.encoders]
+        if missing:
+            raise ValueError(f"no encoder configured for modality {', '.join(missing)} (set encoders.<modality>.name)")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """One line: the first problem, its location, what is allowed."""
+    e = err.errors()[0]
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    inp = e.get("input")
+    shown = "" if isinstance(inp, (dict, list)) else f" (got {inp!r})"
+    return f"{where}: {_fmt_loc(e['loc'])}: {e['msg']}{shown}{more}"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("medtvt_core.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names)}")
+    data = yaml.safe_load(resources.files("medtvt_core.presets").joinpath(f"{name}.yaml").read_text()) or {}
+    data["preset"] = name
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {p}: unknown extension {p.suffix!r}; allowed: .yaml, .yml, .toml, .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        msg = str(exc).replace("\n", " ")
+        raise ConfigError(f"config file {p} is not valid {p.suffix[1:].upper()}: {msg}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options",):
+            out[k] = deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _known_path(model: type[BaseModel], keys: list[str]) -> None:
+    """Raise ConfigError unless ``keys`` names a field path of ``model`` (free-form dicts are open)."""
+    cur: type[BaseModel] | None = model
+    i = 0
+    while i < len(keys) and cur is not None:
+        fields = cur.model_fields
+        key = keys[i]
+        if key not in fields:
+            where = ".".join(keys[: i + 1])
+            raise ConfigError(f"--set {where}: unknown key {key!r}; allowed here: {', '.join(sorted(fields))}")
+        ann = fields[key].annotation
+        if getattr(ann, "__origin__", None) is list:
+            return  # a list is set whole
+        inner = _dict_value_model(ann)
+        if inner is not None:  # dict[str, Model]: the next key is a free name (a modality)
+            cur, i = inner, i + 2
+            continue
+        cur, i = _model_in(ann), i + 1
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _dict_value_model(ann: Any) -> type[BaseModel] | None:
+    args = getattr(ann, "__args__", ()) or ()
+    if getattr(ann, "__origin__", None) is dict and len(args) == 2:
+        return _model_in(args[1])
+    return None
+
+
+def parse_set(expr: str) -> tuple[list[str], Any]:
+    """``"rft.num_generations=4"`` -> (["rft", "num_generations"], 4); the value is YAML."""
+    if "=" not in expr:
+        raise ConfigError(f"--set {expr!r}: expected KEY=VALUE, e.g. rft.num_generations=4")
+    key, raw = expr.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set {expr!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    _known_path(RunConfig, keys)
+    return keys, value
+
+
+def apply_set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def _split_list(v: str | list[str]) -> list[str]:
+    if isinstance(v, list):
+        return v
+    return [s.strip() for s in v.replace("+", ",").split(",") if s.strip()]
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    fusion: str | None = None,
+    modalities: str | list[str] | None = None,
+    rewards: str | list[str] | None = None,
+    stages: str | list[str] | None = None,
+    output_dir: str | Path | None = None,
+    sets: list[str] = (),  # type: ignore[assignment]
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build a :class:`RunConfig`: preset < config file < named flags < ``--set`` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if preset:
+        data = deep_merge(data, load_preset(preset))
+    if config_file:
+        file_data = read_config_file(config_file)
+        if "preset" in file_data and file_data["preset"] and not preset:
+            data = deep_merge(load_preset(str(file_data["preset"])), data)
+        data = deep_merge(data, file_data)
+    if fusion:
+        data.setdefault("fusion", {})
+        data["fusion"] = {"name": fusion, "options": data["fusion"].get("options", {}) if data["fusion"].get("name") in (None, fusion) else {}}
+    if modalities:
+        data["modalities"] = _split_list(modalities)
+    if rewards:
+        data["rewards"] = [{"name": r} for r in _split_list(rewards)]
+    if stages:
+        data["stages"] = _split_list(stages)
+    if output_dir:
+        data["output_dir"] = str(output_dir)
+    for expr in sets:
+        keys, value = parse_set(expr)
+        apply_set(data, keys, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "config")) from None
+
+
+def validate_plugins(cfg: RunConfig, catalog: Any = None) -> dict[str, BaseModel]:
+    """Check every plugin name exists and its options fit its config model.
+
+    Returns validated option models keyed ``"encoders.<m>"``, ``"fusion"``, ``"llm"``,
+    ``"modalities.<m>"``.
+    """
+    from .plugins import get_catalog
+
+    catalog = catalog or get_catalog()
+    out: dict[str, BaseModel] = {}
+
+    def check(where: str, registry: Any, name: str, options: dict[str, Any]) -> None:
+        spec = registry.spec(name)  # raises UnknownPluginError with the available names
+        model = spec.config or getattr(spec.obj, "config_class", None)
+        if model is None:
+            if options:
+                raise ConfigError(f"{where}.options: plugin {name!r} takes no options, got {sorted(options)}")
+            return
+        try:
+            out[where] = model.model_validate(options)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, f"{where}.options ({name})")) from None
+
+    for m in cfg.modalities:
+        check(f"modalities.{m}", catalog.modalities, m, cfg.data.modality_options.get(m, {}))
+        ref = cfg.encoders[m]
+        check(f"encoders.{m}", catalog.encoders, ref.name, ref.options)
+        enc_mod = getattr(catalog.encoders.get(ref.name), "modality", m)
+        if enc_mod != m:
+            raise ConfigError(f"encoders.{m}: encoder {ref.name!r} reads modality {enc_mod!r}, not {m!r}")
+    check("fusion", catalog.fusion, cfg.fusion.name, cfg.fusion.options)
+    check("llm", catalog.llms, cfg.llm.name, cfg.llm.options)
+    for r in cfg.rewards:
+        catalog.rewards.spec(r.name)
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def write_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)

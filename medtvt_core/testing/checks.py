@@ -1,0 +1,317 @@
+"""Contract checks per plugin kind. Each check returns a list of problems (empty = pass).
+
+Plugins whose defaults are expensive (full-size networks, real weights) declare
+``contract_options: ClassVar[dict]`` with small, offline options the checks build them with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel
+
+from ..contracts import Encoder, Fusion, LLMBackbone, Modality
+from ..registry import PluginSpec
+
+Check = Callable[[PluginSpec[Any]], list[str]]
+
+
+def _config_problems(spec: PluginSpec[Any]) -> list[str]:
+    model = spec.config or getattr(spec.obj, "config_class", None)
+    if model is None:
+        return [f"{spec.name}: no config model (register(..., config=Model) or a config_class attribute)"]
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return [f"{spec.name}: config {model!r} is not a pydantic model"]
+    out = []
+    if model.model_config.get("extra") != "forbid":
+        out.append(f"{spec.name}: config {model.__name__} must set extra='forbid' (unknown keys must be errors)")
+    for fname, field in model.model_fields.items():
+        if not field.description:
+            out.append(f"{spec.name}: config field {fname!r} has no description")
+    try:
+        model.model_validate({"__no_such_option__": 1})
+        out.append(f"{spec.name}: config {model.__name__} accepted an unknown key")
+    except Exception:
+        pass
+    return out
+
+
+def _options(spec: PluginSpec[Any]) -> dict[str, Any]:
+    model = spec.config or spec.obj.config_class
+    opts = dict(getattr(spec.obj, "contract_options", {}) or {})
+    return model.model_validate(opts).model_dump()
+
+
+def _build(spec: PluginSpec[Any], *args: Any) -> Any:
+    return spec.obj(*args, **_options(spec))
+
+
+# ----------------------------------------------------------------------------- modalities
+def modality_attributes(spec: PluginSpec[Any]) -> list[str]:
+    cls = spec.obj
+    out: list[str] = []
+    if not (isinstance(cls, type) and issubclass(cls, Modality)):
+        return [f"{spec.name}: {cls!r} is not a subclass of medtvt_core.contracts.Modality"]
+    if getattr(cls, "name", None) != spec.name:
+        out.append(f"{spec.name}: class attribute name={getattr(cls, 'name', None)!r} differs from the registered name")
+    ph = getattr(cls, "placeholder", "")
+    if not (isinstance(ph, str) and ph.startswith("<") and ph.endswith(">") and len(ph) > 2 and " " not in ph):
+        out.append(f"{spec.name}: placeholder {ph!r} must look like '<name>'")
+    if not isinstance(getattr(cls, "record_field", None), str):
+        out.append(f"{spec.name}: record_field must name the QA-record key holding the reference")
+    return out + _config_problems(spec)
+
+
+def modality_build(spec: PluginSpec[Any]) -> list[str]:
+    try:
+        mod = _build(spec)
+    except Exception as exc:
+        return [f"{spec.name}: cannot be built with its default/contract options: {type(exc).__name__}: {exc}"]
+    shape = mod.sample_shape
+    if not (isinstance(shape, tuple) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+        return [f"{spec.name}: sample_shape must be a tuple of positive ints, got {shape!r}"]
+    return []
+
+
+# ----------------------------------------------------------------------------- encoders
+def encoder_attributes(spec: PluginSpec[Any]) -> list[str]:
+    cls = spec.obj
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+        return [f"{spec.name}: {cls!r} is not a subclass of medtvt_core.contracts.Encoder"]
+    out = []
+    if not isinstance(getattr(cls, "modality", None), str):
+        out.append(f"{spec.name}: class attribute 'modality' (the modality it reads) is missing")
+    return out + _config_problems(spec)
+
+
+def encoder_shapes(spec: PluginSpec[Any]) -> list[str]:
+    try:
+        enc: Encoder = _build(spec)
+    except Exception as exc:
+        return [f"{spec.name}: cannot be built with contract options: {type(exc).__name__}: {exc}"]
+    out = []
+    enc.freeze_backbone()
+    enc.eval()
+    x = enc.example_input(2)
+    if tuple(x.shape[1:]) != tuple(enc.input_shape):
+        out.append(f"{spec.name}: example_input shape {tuple(x.shape)} does not match input_shape {enc.input_shape}")
+    feats = enc.encode(x)
+    n, c = enc.feature_shape
+    if tuple(feats.shape) != (2, n, c):
+        out.append(f"{spec.name}: encode() gave {tuple(feats.shape)}, expected (2, {n}, {c}) from feature_shape")
+    if feats.dtype != torch.float32:
+        out.append(f"{spec.name}: encode() dtype {feats.dtype}, expected float32")
+    if feats.requires_grad:
+        out.append(f"{spec.name}: encode() output requires grad; the backbone must be frozen (no_grad)")
+    pooled = enc.pool(feats)
+    if tuple(pooled.shape) != (2, enc.num_tokens, enc.pooled_dim):
+        out.append(f"{spec.name}: pool() gave {tuple(pooled.shape)}, expected (2, {enc.num_tokens}, {enc.pooled_dim})")
+    if not torch.isfinite(pooled).all():
+        out.append(f"{spec.name}: pool() output has non-finite values")
+    # Each sample's features must not depend on the rest of the batch (caching encodes one by one).
+    one = enc.encode(x[:1])
+    if one.shape == feats[:1].shape and not torch.allclose(one, feats[:1], atol=1e-4, rtol=1e-4):
+        out.append(f"{spec.name}: encode() of a sample depends on the other samples of the batch")
+    return out
+
+
+def encoder_training(spec: PluginSpec[Any]) -> list[str]:
+    try:
+        enc: Encoder = _build(spec)
+    except Exception as exc:
+        return [f"{spec.name}: cannot be built: {type(exc).__name__}: {exc}"]
+    out = []
+    enc.freeze_backbone()
+    enc.train()
+    if any(p.requires_grad for p in enc.backbone_parameters()):
+        out.append(f"{spec.name}: backbone parameters still require grad after freeze_backbone()")
+    x = enc.example_input(2)
+    y = enc(x)
+    head = enc.head_parameters()
+    if head:
+        y.float().pow(2).mean().backward()
+        missing = [i for i, p in enumerate(head) if p.grad is None]
+        if missing:
+            out.append(f"{spec.name}: {len(missing)} head parameter(s) got no gradient")
+    if any(p.grad is not None for p in enc.backbone_parameters()):
+        out.append(f"{spec.name}: gradient reached the frozen backbone")
+    ident = enc.identity()
+    if ident != enc.identity():
+        out.append(f"{spec.name}: identity() is not stable")
+    with torch.no_grad():
+        p = next(iter(enc.backbone_parameters()), None)
+        if p is not None:
+            p.add_(1.0)
+            if enc.identity() == ident:
+                out.append(f"{spec.name}: identity() does not change when backbone weights change (cache would go stale)")
+    return out
+
+
+# ----------------------------------------------------------------------------- fusion
+def fusion_attributes(spec: PluginSpec[Any]) -> list[str]:
+    cls = spec.obj
+    if not (isinstance(cls, type) and issubclass(cls, Fusion)):
+        return [f"{spec.name}: {cls!r} is not a subclass of medtvt_core.contracts.Fusion"]
+    return _config_problems(spec)
+
+
+def fusion_masking(spec: PluginSpec[Any]) -> list[str]:
+    out = []
+    for m, k in ((1, 1), (3, 1), (3, 2), (4, 1)):
+        torch.manual_seed(0)
+        try:
+            fus: Fusion = _build(spec, 32, m)
+        except Exception as exc:
+            return [f"{spec.name}: cannot be built with dim=32, num_modalities={m}: {type(exc).__name__}: {exc}"]
+        fus.eval()
+        tokens = torch.randn(3, m, k, 32)
+        mask = torch.ones(3, m, dtype=torch.bool)
+        if m > 1:
+            mask[1, 0] = False
+            mask[2, m - 1] = False
+        res = fus(tokens, mask)
+        if tuple(res.tokens.shape) != tuple(tokens.shape):
+            out.append(f"{spec.name}: M={m} K={k}: output shape {tuple(res.tokens.shape)} != input {tuple(tokens.shape)}")
+            continue
+        if not torch.isfinite(res.tokens).all():
+            out.append(f"{spec.name}: M={m} K={k}: non-finite output")
+        if res.weights is not None:
+            if tuple(res.weights.shape) != (3, m):
+                out.append(f"{spec.name}: weights shape {tuple(res.weights.shape)} != (B, M) = (3, {m})")
+            elif (res.weights[~mask] != 0).any():
+                out.append(f"{spec.name}: a masked modality got a non-zero weight")
+        if (res.tokens[~mask] != 0).any():
+            out.append(f"{spec.name}: M={m} K={k}: output tokens of a masked modality are not zero")
+        changed = tokens.clone()
+        changed[~mask] = torch.randn_like(changed[~mask]) * 10
+        res2 = fus(changed, mask)
+        if not torch.allclose(res.tokens, res2.tokens, atol=1e-5):
+            out.append(f"{spec.name}: M={m} K={k}: changing a masked modality's tokens changed the output")
+    return out
+
+
+def fusion_gradients(spec: PluginSpec[Any]) -> list[str]:
+    torch.manual_seed(0)
+    fus: Fusion = _build(spec, 32, 3)
+    fus.train()
+    tokens = torch.randn(2, 3, 1, 32, requires_grad=True)
+    res = fus(tokens, torch.ones(2, 3, dtype=torch.bool))
+    res.tokens.pow(2).mean().backward()
+    out = []
+    if tokens.grad is None or not torch.isfinite(tokens.grad).all():
+        out.append(f"{spec.name}: no finite gradient reaches the input tokens")
+    dead = [n for n, p in fus.named_parameters() if p.requires_grad and p.grad is None]
+    if dead:
+        out.append(f"{spec.name}: parameters without gradient: {', '.join(dead[:5])}")
+    return out
+
+
+# ----------------------------------------------------------------------------- rewards
+def reward_signature(spec: PluginSpec[Any]) -> list[str]:
+    fn = spec.obj
+    if not callable(fn):
+        return [f"{spec.name}: reward {fn!r} is not callable"]
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    params = sig.parameters
+    out = []
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        out.append(f"{spec.name}: reward must accept **kwargs (TRL passes dataset columns and extras)")
+    for name in ("prompts", "completions"):
+        if name not in params:
+            out.append(f"{spec.name}: reward must take a parameter named {name!r} (TRL's contract)")
+    return out
+
+
+def reward_values(spec: PluginSpec[Any]) -> list[str]:
+    fn = spec.obj
+    answer = ["<think> irregular rhythm </think><answer> Atrial Fibrillation </answer>"] * 6
+    completions = [
+        "<think> irregular rhythm </think><answer> Atrial Fibrillation </answer>",
+        "no tags at all",
+        "<answer> A </answer><answer> B </answer>",
+        "",
+        "x" * 200_000,
+        [{"role": "assistant", "content": "<think> t </think><answer> Sepsis; Unknown Thing </answer>"}],
+    ]
+    prompts = ["q"] * len(completions)
+    out = []
+    t0 = time.perf_counter()
+    try:
+        vals = fn(prompts=prompts, completions=completions, solution=answer, answer=answer)
+    except Exception as exc:
+        return [f"{spec.name}: raised {type(exc).__name__}: {exc} on edge-case completions"]
+    dt = time.perf_counter() - t0
+    if not isinstance(vals, list) or len(vals) != len(completions):
+        return [f"{spec.name}: must return a list with one value per completion"]
+    for v in vals:
+        if v is not None and not isinstance(v, (int, float)):
+            out.append(f"{spec.name}: value {v!r} is neither a float nor None")
+    if dt > 0.5:
+        out.append(f"{spec.name}: scoring {len(completions)} edge-case completions took {dt:.3f}s (> 0.5 s)")
+    return out
+
+
+# ----------------------------------------------------------------------------- LLMs
+def llm_attributes(spec: PluginSpec[Any]) -> list[str]:
+    cls = spec.obj
+    if not (isinstance(cls, type) and issubclass(cls, LLMBackbone)):
+        return [f"{spec.name}: {cls!r} is not a subclass of medtvt_core.contracts.LLMBackbone"]
+    return _config_problems(spec)
+
+
+def llm_build(spec: PluginSpec[Any]) -> list[str]:
+    try:
+        backbone: LLMBackbone = _build(spec)
+        placeholders = ["<ecg>", "<cxr>", "<lab>"]
+        corpus = lambda: ["the heart rate is regular", "white cells are raised", "no acute disease"] * 20  # noqa: E731
+        loaded = backbone.build(placeholders, corpus=corpus)
+    except Exception as exc:
+        return [f"{spec.name}: build() failed with contract options: {type(exc).__name__}: {exc}"]
+    out = []
+    tok = loaded.tokenizer
+    for ph in placeholders:
+        ids = tok(ph, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            out.append(f"{spec.name}: placeholder {ph} is not a single token ({ids})")
+        elif loaded.placeholder_ids.get(ph) != ids[0]:
+            out.append(f"{spec.name}: placeholder_ids[{ph!r}] does not match the tokenizer")
+    if loaded.hidden_size != backbone.hidden_size:
+        out.append(f"{spec.name}: hidden_size {backbone.hidden_size} != embedding width {loaded.hidden_size}")
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    if not any("lora" in n for n in trainable):
+        out.append(f"{spec.name}: no trainable LoRA parameters after build()")
+    ids = torch.tensor([tok("the heart rate", add_special_tokens=False)["input_ids"]])
+    logits = loaded.model(input_ids=ids).logits
+    if logits.shape[:2] != ids.shape:
+        out.append(f"{spec.name}: logits shape {tuple(logits.shape)} does not match input {tuple(ids.shape)}")
+    return out
+
+
+CHECKS: dict[str, dict[str, Check]] = {
+    "modalities": {"attributes": modality_attributes, "build": modality_build},
+    "encoders": {"attributes": encoder_attributes, "shapes": encoder_shapes, "training": encoder_training},
+    "fusion": {"attributes": fusion_attributes, "masking": fusion_masking, "gradients": fusion_gradients},
+    "rewards": {"signature": reward_signature, "values": reward_values},
+    "llms": {"attributes": llm_attributes, "build": llm_build},
+}
+
+
+def check_plugin(spec: PluginSpec[Any], only: str | None = None) -> list[str]:
+    """Run every check of ``spec.kind`` (or only one) and collect the problems."""
+    problems: list[str] = []
+    for name, fn in CHECKS[spec.kind].items():
+        if only and name != only:
+            continue
+        try:
+            problems.extend(fn(spec))
+        except Exception as exc:  # a crash inside a plugin is a contract failure, not a kit bug
+            problems.append(f"{spec.name}: check {name!r} crashed: {type(exc).__name__}: {exc}")
+        if problems and name == "attributes":
+            break  # later checks assume the basic shape of the plugin
+    return problems
