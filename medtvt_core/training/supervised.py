@@ -1,0 +1,124 @@
+"""PT and SFT: next-token cross-entropy on answer tokens with transformers' ``Trainer``.
+
+The same code runs on this CPU and under ``accelerate launch`` (DDP, FSDP, DeepSpeed configs in
+``examples/accelerate/``): distribution is the Trainer's business, not ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import StageConfig
+
+log = logging.getLogger(__name__)
+WEIGHTS = "model.safetensors"  # the file name Trainer's resume logic looks for
+
+
+class MedTVTTrainer(Trainer):
+    """Trainer that checkpoints only the trainable parameters (safetensors).
+
+    The frozen encoders and the LLM base are rebuilt from their sources, so a checkpoint of a
+    1B model holds megabytes, not gigabytes; ``Trainer`` reloads it non-strictly on resume.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = trainable_state(model)
+        safetensors.torch.save_file(trainable, os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the parameters that require grad (tied copies saved once)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().to("cpu").contiguous().clone()
+    return out
+
+
+class _HistoryCallback(TrainerCallback):
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None):
+        self.sink = sink
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
+        if self.sink and logs:
+            self.sink({"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+def _report_to() -> list[str]:
+    try:
+        import tensorboard  # noqa: F401
+
+        return ["tensorboard"]
+    except ImportError:
+        return []
+
+
+def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: str, num_workers: int = 0) -> TrainingArguments:
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": cfg.min_lr},
+        logging_steps=cfg.logging_steps,
+        logging_dir=str(out_dir / "tb"),
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        save_only_model=False,  # optimizer + scheduler + RNG states: needed for an exact resume
+        seed=seed,
+        data_seed=seed,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        dataloader_num_workers=num_workers,
+        remove_unused_columns=False,
+        report_to=_report_to(),
+        disable_tqdm=False,
+        max_grad_norm=1.0,
+    )
+
+
+def run_supervised(
+    model: torch.nn.Module,
+    train_dataset: torch.utils.data.Dataset,
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    cfg: StageConfig,
+    out_dir: Path,
+    *,
+    seed: int,
+    device: str = "auto",
+    num_workers: int = 0,
+    resume: bool = False,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` (its trainable parameters are already set) and return the log history."""
+    args = training_arguments(cfg, out_dir, seed=seed, device=device, num_workers=num_workers)
+    trainer = MedTVTTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                            callbacks=[_HistoryCallback(on_log)])
+    last = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
+    if last:
+        log.info("resuming %s from %s", out_dir.name, last)
+    trainer.train(resume_from_checkpoint=last)
+    return list(trainer.state.log_history)
