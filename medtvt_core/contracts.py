@@ -99,6 +99,9 @@ class Encoder(nn.Module, ABC):
 
     modality: ClassVar[str]
     config_class: ClassVar[type[PluginConfig]]
+    # Config fields that do not change what encode() computes (where weights come from, the
+    # head's size): left out of identity() so moving a weights file keeps the feature cache.
+    identity_exclude: ClassVar[frozenset[str]] = frozenset({"weights", "trust_checkpoint", "num_tokens"})
 
     input_shape: tuple[int, ...]
     feature_shape: tuple[int, int]
@@ -148,7 +151,7 @@ class Encoder(nn.Module, ABC):
         h = hashlib.sha256(f"{type(self).__module__}.{type(self).__qualname__}".encode())
         cfg = getattr(self, "config", None)
         if isinstance(cfg, BaseModel):
-            h.update(cfg.model_dump_json().encode())
+            h.update(cfg.model_dump_json(exclude=set(self.identity_exclude)).encode())
         for name, t in sorted(self.backbone_state().items()):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
