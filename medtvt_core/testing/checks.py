@@ -222,9 +222,9 @@ def reward_signature(spec: PluginSpec[Any]) -> list[str]:
     out = []
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         out.append(f"{spec.name}: reward must accept **kwargs (TRL passes dataset columns and extras)")
-    for name in ("prompts", "completions"):
-        if name not in params:
-            out.append(f"{spec.name}: reward must take a parameter named {name!r} (TRL's contract)")
+    if "completions" not in params:
+        # TRL passes prompts/completions by keyword; prompts may be swallowed by **kwargs.
+        out.append(f"{spec.name}: reward must take a parameter named 'completions' (TRL's contract)")
     return out
 
 

@@ -1,0 +1,270 @@
+"""Rewards: answer parsing, the four built-ins on edge cases, speed, and TRL interoperability."""
+
+from __future__ import annotations
+
+import doctest
+import time
+import types
+
+import pytest
+
+import medtvt_core.answers as answers
+import medtvt_plugins.rewards.builtin as builtin
+from medtvt_core import hookimpl
+from medtvt_core.answers import DISEASES, answer_set, extract_answer, is_well_formatted, parse_diseases
+from medtvt_core.errors import ConfigError
+from medtvt_plugins.rewards.builtin import (
+    REWARDS, exact_set_reward, format_reward, jaccard_reward,
+)
+
+MB = 1 << 20
+GOOD = "<think> irregular rhythm, consolidation </think>\n<answer> Atrial Fibrillation; Pneumonia </answer>"
+
+
+# ----------------------------------------------------------------------------- doctests
+@pytest.mark.parametrize("module", [builtin, answers], ids=["rewards", "answers"])
+def test_doctests(module):
+    res = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert res.attempted > 0 and res.failed == 0
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_seven_canonical_categories():
+    assert DISEASES == ("Coronary Artery Disease", "Acute Renal Failure", "Hypertension", "Atrial Fibrillation",
+                        "Pneumonia", "Diabetes Mellitus", "Sepsis")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<answer> A; B </answer>", "A; B"),
+    ("pre <answer>x</answer> post", "x"),
+    ("<answer></answer>", ""),
+    ("no tags", None),
+    ("<answer> A", None),
+    ("A </answer>", None),
+    ("</answer> A <answer>", None),
+    ("<answer> A </answer><answer> B </answer>", None),  # several answers: invalid
+    ("<answer> A <answer> B </answer></answer>", None),  # nested: invalid
+    ("<answer> A </answer></answer>", None),
+    (None, None),
+    (42, None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_parse_diseases_normalises_and_keeps_unknown_names():
+    assert parse_diseases(" coronary  artery DISEASE ;; ;Sepsis;sepsis; Acute  Flu ") == {
+        "Coronary Artery Disease", "Sepsis", "acute flu"}
+    assert parse_diseases("") == set() and parse_diseases(None) == set()
+
+
+def test_answer_set_forms():
+    assert answer_set("<answer> Sepsis </answer>") == {"Sepsis"}
+    assert answer_set("Sepsis; pneumonia") is None  # tags required unless bare_ok
+    assert answer_set("Sepsis; pneumonia", bare_ok=True) == {"Sepsis", "Pneumonia"}
+    assert answer_set("<answer> a </answer><answer> b </answer>", bare_ok=True) is None
+    assert answer_set(["sepsis", " Hypertension "]) == {"Sepsis", "Hypertension"}
+    assert answer_set(None) is None
+    assert answer_set("<answer>" + "Sepsis;" * 2000 + "</answer>") is None  # > MAX_ANSWER_CHARS
+
+
+# ----------------------------------------------------------------------------- format
+@pytest.mark.parametrize("text, ok", [
+    (GOOD, True),
+    ("<think></think><answer></answer>", True),
+    ("  \n<think>a</think>   \n\t<answer>b</answer>\n ", True),
+    ("<think>a</think>x<answer>b</answer>", False),  # text between the blocks
+    ("<think>a</think><answer>b</answer> trailing", False),
+    ("lead <think>a</think><answer>b</answer>", False),
+    ("<answer>b</answer><think>a</think>", False),
+    ("<think>a</think>", False),
+    ("<answer>b</answer>", False),
+    ("<think>a<think>b</think><answer>c</answer>", False),  # nested think
+    ("<think>a</think><answer>b</answer><answer>c</answer>", False),  # several answers
+    ("<think>a</think><answer>b<answer>c</answer>", False),
+    ("<think>a</answer></think><answer>b</answer>", False),
+    ("", False),
+    ("no tags at all", False),
+])
+def test_format_cases(text, ok):
+    assert format_reward(prompts=["q"], completions=[text]) == [1.0 if ok else 0.0]
+    assert is_well_formatted(text) is ok
+
+
+# ----------------------------------------------------------------------------- label rewards
+def _all(completion, truth):
+    kw = dict(prompts=["q"], completions=[completion], solution=[truth])
+    return tuple(REWARDS[n](**kw)[0] for n in ("jaccard", "exact_set", "disease_f1"))
+
+
+@pytest.mark.parametrize("completion, truth, expected", [
+    # P={AF,Pn} G={AF,Pn}
+    (GOOD, "<answer> Pneumonia; Atrial Fibrillation </answer>", (1.0, 1.0, 1.0)),
+    # P={AF,Pn} G={AF}: J=1/2, F1=2*1/(2+1)
+    (GOOD, "<answer> Atrial Fibrillation </answer>", (0.5, 0.0, 2 / 3)),
+    # P={AF,Pn} G={AF,Se,Ht}: J=1/4, F1=2/5
+    (GOOD, "<answer> Atrial Fibrillation; Sepsis; Hypertension </answer>", (0.25, 0.0, 0.4)),
+    # disjoint
+    (GOOD, "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
+    # unknown name counts as a wrong prediction: P={Se,"flu"} G={Se}
+    ("<answer> Sepsis; Flu </answer>", "<answer> Sepsis </answer>", (0.5, 0.0, 2 / 3)),
+    # only unknown names
+    ("<answer> Xyz; Abc </answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
+    # case / whitespace insensitive, duplicates collapse
+    ("<answer>atrial  fibrillation;ATRIAL FIBRILLATION;</answer>", "<answer> Atrial Fibrillation </answer>",
+     (1.0, 1.0, 1.0)),
+    # no tags, several tags, nested tags: no answer -> 0
+    ("Sepsis", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
+    ("<answer> Sepsis </answer><answer> Sepsis </answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
+    ("<answer> Sepsis <answer> Sepsis </answer></answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
+    # empty sets: jaccard 0 (SPEC: empty union), exact/F1 1
+    ("<answer> </answer>", "<answer></answer>", (0.0, 1.0, 1.0)),
+    ("<answer> </answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
+    ("<answer> Sepsis </answer>", "<answer></answer>", (0.0, 0.0, 0.0)),
+    # ground truth as a bare list or a list of names
+    ("<answer> Sepsis </answer>", "Sepsis; Pneumonia", (0.5, 0.0, 2 / 3)),
+    ("<answer> Sepsis </answer>", ["sepsis"], (1.0, 1.0, 1.0)),
+    # unusable ground truth -> None (TRL: not scored)
+    ("<answer> Sepsis </answer>", None, (None, None, None)),
+    ("<answer> Sepsis </answer>", "<answer> a </answer><answer> b </answer>", (None, None, None)),
+    ("<answer> Sepsis </answer>", "<answer> unclosed", (None, None, None)),
+])
+def test_label_rewards_hand_computed(completion, truth, expected):
+    got = _all(completion, truth)
+    assert got == pytest.approx(expected) if None not in expected else got == expected
+
+
+def test_conversational_completions():
+    conv = [[{"role": "assistant", "content": GOOD}],
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<answer> Sepsis </answer>"}],
+            [{"role": "assistant", "content": [{"type": "text", "text": "<think>t</think>"},
+                                               {"type": "text", "text": "<answer>Pneumonia</answer>"}]}],
+            []]
+    truth = ["<answer> Pneumonia </answer>"] * 4
+    assert format_reward(prompts=["q"] * 4, completions=conv) == [1.0, 0.0, 1.0, 0.0]
+    assert jaccard_reward(prompts=["q"] * 4, completions=conv, solution=truth) == [0.5, 0.0, 1.0, 0.0]
+
+
+def test_label_column_names():
+    c = ["<answer> Sepsis </answer>"]
+    assert jaccard_reward(prompts=["q"], completions=c, answer=["<answer> Sepsis </answer>"]) == [1.0]
+    # `solution` (TRL's name) wins over `answer`
+    assert jaccard_reward(prompts=["q"], completions=c, solution=["Sepsis"], answer=["Pneumonia"]) == [1.0]
+    with pytest.raises(ConfigError, match="'solution' or 'answer'"):
+        jaccard_reward(prompts=["q"], completions=c, labels=[["Sepsis"]])
+    with pytest.raises(ConfigError, match="2 entries for 1 completions"):
+        exact_set_reward(prompts=["q"], completions=c, solution=["Sepsis", "Sepsis"])
+
+
+def test_accepts_trl_extra_kwargs():
+    kw = dict(prompts=["q"], completions=[GOOD], solution=["<answer> Pneumonia </answer>"], completion_ids=[[1, 2]],
+              trainer_state=object(), log_extra=lambda *a: None, log_metric=lambda *a: None, other_column=["x"])
+    assert [REWARDS[n](**kw)[0] for n in REWARDS] == pytest.approx([1.0, 0.5, 0.0, 2 / 3])
+
+
+def test_empty_batch():
+    assert all(REWARDS[n](prompts=[], completions=[], solution=[]) == [] for n in REWARDS)
+
+
+# ----------------------------------------------------------------------------- big inputs and speed
+BIG = {
+    "no tags": ("x" * MB, (0.0, 0.0, 0.0, 0.0)),
+    "1 MB reasoning": (f"<think> {'y' * MB} </think><answer> Sepsis </answer>", (1.0, 1.0, 1.0, 1.0)),
+    "1 MB answer": (f"<think> t </think><answer> {'Sepsis; ' * (MB // 8)} </answer>", (1.0, 0.0, 0.0, 0.0)),
+    "answer tags x 40k": ("<answer> Sepsis </answer>" * (MB // 25), (0.0, 0.0, 0.0, 0.0)),
+    "1 MB then answer": ("z" * MB + "<think> t </think><answer> Sepsis </answer>", (0.0, 1.0, 1.0, 1.0)),
+    "open tags only": ("<answer>" * (MB // 8), (0.0, 0.0, 0.0, 0.0)),
+    "lt signs": ("<" * MB, (0.0, 0.0, 0.0, 0.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(BIG))
+def test_megabyte_completions(case):
+    text, expected = BIG[case]
+    t0 = time.perf_counter()
+    got = [REWARDS[n](prompts=["q"], completions=[text], solution=["<answer> Sepsis </answer>"])[0] for n in REWARDS]
+    dt = time.perf_counter() - t0
+    assert got == list(expected)
+    assert dt < 0.5, f"4 rewards on 1 MB ({case}) took {dt:.3f}s"  # linear scans: a few ms each
+
+
+def test_normal_completion_well_under_a_millisecond():
+    kw = dict(prompts=["q"], completions=[GOOD], solution=["<answer> Atrial Fibrillation; Sepsis </answer>"])
+    for name, fn in REWARDS.items():
+        best = min(_timed(fn, kw, 200) for _ in range(3))
+        assert best < 1e-3, f"{name}: {best * 1e6:.0f} us per completion"
+
+
+def _timed(fn, kw, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(**kw)
+    return (time.perf_counter() - t0) / n
+
+
+# ----------------------------------------------------------------------------- registry and TRL
+def test_registered_and_pass_contract_kit():
+    from medtvt_core.plugins import build_catalog
+    from medtvt_core.testing import check_plugin
+
+    cat = build_catalog(plugins=[builtin], autoload=False)
+    assert cat.rewards.list() == sorted(REWARDS)
+    for name in REWARDS:
+        spec = cat.rewards.spec(name)
+        assert spec.obj is REWARDS[name] and spec.description
+        assert check_plugin(spec) == []
+
+
+def test_ours_inside_trl_grpo_trainer(tmp_path):
+    """TRL 1.16's GRPOTrainer._calculate_rewards calls our rewards with its own kwargs."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = Tokenizer(models.WordLevel(vocab={"<pad>": 0, "<eos>": 1, "<unk>": 2, "a": 3, "b": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                      max_completion_length=4, use_vllm=False, report_to="none", bf16=False, use_cpu=True,
+                      activation_checkpointing=False, save_strategy="no")
+    ds = Dataset.from_dict({"prompt": ["a b", "b a"],
+                            "solution": ["<answer> Sepsis </answer>", "<answer> Pneumonia; Sepsis </answer>"]})
+    funcs = [REWARDS[n] for n in ("format", "jaccard", "exact_set", "disease_f1")]
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tk)
+    assert trainer.reward_func_names == ["format_reward", "jaccard_reward", "exact_set_reward", "disease_f1_reward"]
+    inputs = [dict(ds[0]), dict(ds[0]), dict(ds[1]), dict(ds[1])]
+    completions = ["<think> x </think><answer> Sepsis </answer>", "junk",
+                   "<think> y </think><answer> Sepsis </answer>", "<answer> Pneumonia; Sepsis </answer>"]
+    got = trainer._calculate_rewards(inputs, [x["prompt"] for x in inputs], completions, [[3], [4], [3], [4]])
+    expected = [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0.5, 0, 2 / 3], [0, 1, 1, 1]]
+    assert [v for row in got.tolist() for v in row] == pytest.approx([v for row in expected for v in row])
+
+
+def test_trl_rewards_inside_our_registry():
+    """TRL's own rewards register here and score through our GRPO reward call."""
+    from trl.rewards import get_soft_overlong_punishment, think_format_reward
+
+    from medtvt_core.plugins import build_catalog
+    from medtvt_core.training.grpo import compute_rewards
+
+    plugin = types.SimpleNamespace()
+
+    @hookimpl
+    def medtvt_register_rewards(register):
+        register("trl-think-format", think_format_reward)
+        register("trl-overlong", get_soft_overlong_punishment(max_completion_len=4, soft_punish_cache=2))
+
+    plugin.medtvt_register_rewards = medtvt_register_rewards
+    cat = build_catalog(plugins=[builtin, plugin], autoload=False)
+    assert not cat.failures
+    funcs = [cat.rewards.get(n) for n in ("trl-think-format", "trl-overlong", "jaccard")]
+    # TRL's think_format_reward reads conversational completions (completion[0]["content"])
+    completions = [[{"role": "assistant", "content": "<think>r</think><answer>Sepsis</answer>"}],
+                   [{"role": "assistant", "content": "Sepsis"}]]
+    out = compute_rewards(funcs, ["q", "q"], completions, completion_ids=[[1, 2], [1, 2, 3, 4]],
+                          answer=["<answer> Sepsis </answer>"] * 2)
+    assert out.tolist() == [[1.0, 0.0, 1.0], [0.0, -1.0, 0.0]]
