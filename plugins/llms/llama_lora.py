@@ -1,0 +1,352 @@
+"""LLM plugin ``llama-lora``: a LLaMA causal LM (transformers) wrapped in peft LoRA.
+
+Weights come from a local Hugging Face directory (``model_path``; never fetched from a hub,
+safetensors only) or are built at random from a named architecture (``variant``: ``tiny`` for
+tests and the demo, ``llama-3.2-1b`` for throughput benchmarks).  The tokenizer is the model
+directory's own; without one, a byte-level BPE tokenizer is trained offline on the run's text
+(``corpus``) with the ``tokenizers`` library and saved to ``tokenizer_dir``.
+
+Each modality placeholder (``<ecg>``, ...) becomes one additional special token; the reasoning
+tags ``<think> </think> <answer> </answer>`` of a trained tokenizer are single, non-special
+tokens (so ``decode(skip_special_tokens=True)`` keeps them for the rewards).
+
+LoRA targets the attention projections ``q_proj, k_proj, v_proj, o_proj`` by default (the
+reference's choice for LLaMA-3.2-1B, rank 8).  :func:`set_trainable_extras` additionally
+unfreezes the LLM's norms, biases and input token embeddings, as the reference does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+from pydantic import Field, field_validator
+
+from medtvt_core import hookimpl
+from medtvt_core.contracts import LLMBackbone, LoadedLLM, PluginConfig
+from medtvt_core.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "LlamaLoraConfig", "LlamaLoraBackbone", "VARIANTS", "REASONING_TAGS",
+    "llama_config", "train_tokenizer", "set_trainable_extras", "extra_parameter_names",
+]
+
+#: Architectures buildable without a model directory (``LlamaConfig`` keyword arguments).
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Tied embeddings like the 1B model, so tests exercise the tied save/load path.
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    # meta-llama/Llama-3.2-1B(-Instruct) config.json.
+    "llama-3.2-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", attention_bias=False,
+        mlp_bias=False, initializer_range=0.02, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+        },
+    ),
+}
+
+#: Tags of the answer format; single tokens in a trained tokenizer, kept by ``decode``.
+REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_TRAINED_SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# LLaMA-3 tokenizers ship no pad token but reserve this one for padding.
+_LLAMA3_PAD = "<|finetune_right_pad_id|>"
+
+
+class LlamaLoraConfig(PluginConfig):
+    """Options of the ``llama-lora`` LLM plugin."""
+
+    variant: Literal["tiny", "llama-3.2-1b"] = Field(
+        "tiny", description="architecture built with random weights when model_path is None "
+                            "(tiny: hidden 64, 2 layers; llama-3.2-1b: the real 1B config)")
+    model_path: str | None = Field(
+        None, description="local Hugging Face model directory (config.json, *.safetensors, tokenizer); "
+                          "None: build `variant` with random weights")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names that get LoRA adapters (default: the attention projections)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the LLM weights")
+    gradient_checkpointing: bool = Field(False, description="recompute LLM activations in backward to save memory")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel of transformers")
+    tokenizer_vocab_size: int = Field(
+        4000, ge=300, description="vocabulary of the BPE tokenizer trained on the corpus (no model_path)")
+    tokenizer_min_frequency: int = Field(2, ge=1, description="min pair count of a BPE merge (trained tokenizer)")
+    seed: int = Field(0, description="seed of the random initialisation (no model_path)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one target module is required, e.g. q_proj")
+        return v
+
+
+# --------------------------------------------------------------------------- helpers
+def llama_config(variant: str, vocab_size: int | None = None, **overrides: Any):
+    """``LlamaConfig`` of ``variant``; ``vocab_size`` replaces the variant's when larger or unset."""
+    from transformers import LlamaConfig
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"llm.options.variant: unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    kw = dict(VARIANTS[variant])
+    base_vocab = kw.get("vocab_size")
+    if vocab_size is not None:
+        kw["vocab_size"] = max(vocab_size, base_vocab or 0)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def _clean_corpus(texts: Sequence[str], drop: Sequence[str]) -> list[str]:
+    out = []
+    for t in texts:
+        for s in drop:  # placeholders and tags become single tokens later; keep them out of merges
+            t = t.replace(s, " ")
+        out.append(t)
+    return out
+
+
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 4000, min_frequency: int = 2):
+    """Byte-level BPE trained on ``texts``; specials ``<pad> <s> </s> <unk>``, BOS prepended,
+    reasoning tags as single tokens.  Returns a ``PreTrainedTokenizerFast``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts)
+    if not texts:
+        raise ConfigError("llama-lora: the corpus to train a tokenizer on is empty")
+    tok = Tokenizer(models.BPE())
+    # Byte-level: every string is encodable, so <unk> never appears.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = list(_TRAINED_SPECIALS.values())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_clean_corpus(texts, REASONING_TAGS), trainer=trainer)
+    bos = _TRAINED_SPECIALS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in REASONING_TAGS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20, **_TRAINED_SPECIALS)
+    return fast
+
+
+def _is_extra(name: str, module: Any, input_embeddings: Any) -> bool:
+    from torch import nn
+
+    if "lora_" in name:
+        return False
+    if module is input_embeddings:
+        return True
+    cls = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or cls.endswith("rmsnorm") or cls.endswith("layernorm")
+
+
+def extra_parameter_names(model: Any) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of the LLM's norms, biases and input embeddings."""
+    emb = model.get_input_embeddings()
+    names: list[str] = []
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        is_extra = _is_extra(mname, module, emb)
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in seen or "lora_" in full:
+                continue
+            if is_extra or pname == "bias":
+                names.append(full)
+                seen.add(id(p))
+    return names
+
+
+def set_trainable_extras(model: Any, enabled: bool) -> list[str]:
+    """(Un)freeze the LLM's norms, biases and input token embeddings; returns their names.
+
+    A tied output head shares the embedding tensor, so it follows the embeddings."""
+    names = set(extra_parameter_names(model))
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(enabled)
+    return sorted(names)
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
+
+
+# --------------------------------------------------------------------------- plugin
+class LlamaLoraBackbone(LLMBackbone):
+    """LLaMA causal LM with peft LoRA; local weights or a random ``variant`` (plugin ``llama-lora``)."""
+
+    config_class: ClassVar[type[PluginConfig]] = LlamaLoraConfig
+    contract_options: ClassVar[dict[str, Any]] = {"variant": "tiny"}
+
+    def __init__(self, **options: Any):
+        try:
+            self.config = LlamaLoraConfig.model_validate(options)
+        except Exception as err:
+            from pydantic import ValidationError
+
+            from medtvt_core.config import format_validation_error
+
+            if isinstance(err, ValidationError):
+                raise ConfigError(format_validation_error(err, "llm.options (llama-lora)")) from None
+            raise
+
+    # ---------------------------------------------------------------- info
+    @property
+    def pretrained_path(self) -> Path | None:
+        """The local model directory, or None when the weights are random (built from a config)."""
+        return Path(self.config.model_path).expanduser() if self.config.model_path else None
+
+    def _model_dir(self) -> Path:
+        path = self.pretrained_path
+        assert path is not None
+        if not path.is_dir():
+            raise CheckpointError(
+                f"llm.options.model_path: {path} is not a directory; expected a local Hugging Face model "
+                f"directory (config.json, model*.safetensors, tokenizer.json) — models are never downloaded")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"llm.options.model_path: {path} has no config.json (not a Hugging Face model directory)")
+        return path
+
+    @property
+    def hidden_size(self) -> int:
+        if self.pretrained_path is None:
+            return int(VARIANTS[self.config.variant]["hidden_size"])
+        cfg_file = self._model_dir() / "config.json"
+        try:
+            cfg = json.loads(cfg_file.read_text())
+            return int(cfg.get("hidden_size") or cfg["text_config"]["hidden_size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{cfg_file}: cannot read hidden_size ({exc})") from None
+
+    # ---------------------------------------------------------------- build
+    def load_tokenizer(self, *, corpus: Callable[[], Sequence[str]] | None = None,
+                       tokenizer_dir: Path | None = None):
+        """The tokenizer: ``tokenizer_dir`` when it holds one, else the model directory's, else one
+        trained on ``corpus()`` (saved to ``tokenizer_dir`` when given)."""
+        from transformers import AutoTokenizer
+
+        tdir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        if tdir is not None and _has_tokenizer(tdir):
+            src = tdir
+        elif self.pretrained_path is not None:
+            src = self._model_dir()
+        else:
+            src = None
+        if src is not None:
+            try:
+                return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"tokenizer in {src} cannot be loaded: {exc}".replace("\n", " ")) from None
+        if corpus is None:
+            raise ConfigError(
+                f"llama-lora variant {self.config.variant!r} has no tokenizer of its own: pass a corpus to train "
+                f"one, a tokenizer_dir holding a saved one, or set llm.options.model_path")
+        tok = train_tokenizer(corpus(), vocab_size=self.config.tokenizer_vocab_size,
+                              min_frequency=self.config.tokenizer_min_frequency)
+        return tok
+
+    def build(self, placeholders: Sequence[str], *, corpus: Callable[[], Sequence[str]] | None = None,
+              tokenizer_dir: Path | None = None) -> LoadedLLM:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        tok = self.load_tokenizer(corpus=corpus, tokenizer_dir=tokenizer_dir)
+        if tok.pad_token is None:
+            tok.pad_token = _LLAMA3_PAD if _LLAMA3_PAD in tok.get_vocab() else tok.eos_token
+        new = [p for p in placeholders if p not in tok.get_vocab()]
+        if new:
+            tok.add_special_tokens({"extra_special_tokens": list(new)}, replace_extra_special_tokens=False)
+        placeholder_ids = {p: int(tok.convert_tokens_to_ids(p)) for p in placeholders}
+        for p, i in placeholder_ids.items():
+            if tok(p, add_special_tokens=False)["input_ids"] != [i]:
+                raise ConfigError(f"llama-lora: placeholder {p!r} does not tokenize to one token; use the form '<name>'")
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        if self.pretrained_path is not None:
+            path = self._model_dir()
+            try:
+                # use_safetensors: a pickled pytorch_model.bin can run code when read, so refuse it.
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
+                    attn_implementation=cfg.attn_implementation)
+            except (OSError, ValueError) as exc:
+                msg = str(exc).replace("\n", " ")
+                raise CheckpointError(
+                    f"llm.options.model_path: cannot load a causal LM from {path} (safetensors weights required): {msg}"
+                ) from None
+        else:
+            specials = {k: tok.convert_tokens_to_ids(v) for k, v in
+                        (("pad_token_id", tok.pad_token), ("bos_token_id", tok.bos_token), ("eos_token_id", tok.eos_token))
+                        if v is not None}
+            # tiny: exactly the tokenizer's vocabulary; 1B: keep the real 128256 rows (benchmarks
+            # measure the real output-layer cost) unless the tokenizer is larger.
+            mcfg = llama_config(cfg.variant, vocab_size=len(tok), **specials)
+            with torch.random.fork_rng(devices=[]):  # reproducible without touching the caller's RNG
+                torch.manual_seed(cfg.seed)
+                model = AutoModelForCausalLM.from_config(
+                    mcfg, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        self._resize_for(model, len(tok))
+        for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            tid = getattr(tok, k, None)
+            if tid is not None and getattr(model.generation_config, k, None) is None:
+                setattr(model.generation_config, k, tid)
+
+        if cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (inputs_embeds may not).
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5; not ours to fix
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                peft_model = get_peft_model(model, lora)
+        except ValueError as exc:
+            msg = str(exc).replace("\n", " ")
+            raise ConfigError(f"llm.options.target_modules {list(cfg.target_modules)}: {msg}") from None
+        if tokenizer_dir is not None and not _has_tokenizer(Path(tokenizer_dir)):
+            Path(tokenizer_dir).mkdir(parents=True, exist_ok=True)
+            tok.save_pretrained(str(tokenizer_dir))
+        return LoadedLLM(model=peft_model, tokenizer=tok, placeholder_ids=placeholder_ids)
+
+    # Used by MedTVTModel.configure_trainable(..., train_extras=True) and its save.
+    extra_parameter_names = staticmethod(extra_parameter_names)
+    set_trainable_extras = staticmethod(set_trainable_extras)
+
+    @staticmethod
+    def _resize_for(model: Any, n_tokens: int) -> None:
+        """Grow the embedding rows to ``n_tokens``; new rows = mean of the old ones (deterministic, so
+        a reload gives identical logits without saving the rows)."""
+        import torch
+
+        emb = model.get_input_embeddings()
+        old = emb.weight.shape[0]
+        if n_tokens <= old:
+            return
+        model.resize_token_embeddings(n_tokens, mean_resizing=False)
+        with torch.no_grad():
+            layers = (model.get_input_embeddings(), model.get_output_embeddings())
+            weights = {id(m.weight): m.weight for m in layers if m is not None}  # a tied head shares the tensor
+            for w in weights.values():
+                if w.shape[0] == n_tokens:
+                    w[old:] = w[:old].float().mean(0, keepdim=True).to(w.dtype)
+
+
+@hookimpl
+def medtvt_register_llms(register):
+    register("llama-lora", LlamaLoraBackbone, config=LlamaLoraConfig)
