@@ -13,7 +13,7 @@ import click
 
 from medtvt_core.errors import ConfigError
 
-from .main import _Group, config_options, resolve_from_cli  # noqa: F401  (_Group for subcommands)
+from .common import config_options, resolve_from_cli
 
 
 def _logging(verbose: bool) -> None:

@@ -56,6 +56,9 @@ class DataConfig(_Strict):
 class ProjectorConfig(_Strict):
     tokens_per_modality: int = Field(1, ge=1, le=64, description="K tokens per modality (1 as in the paper)")
     blocks: int = Field(3, ge=0, le=12, description="residual SwiGLU blocks after the input linear")
+    standardize_features: bool = Field(
+        False, description="standardise each frozen feature channel with training-split mean/std before the "
+                           "pooling head (not in the reference; helps randomly initialised demo encoders)")
 
 
 class StageConfig(_Strict):

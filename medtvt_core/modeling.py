@@ -162,6 +162,11 @@ class MedTVTModel(nn.Module):
         for enc in self.encoders.values():
             enc.backbone_eval()  # modules start in train mode; a frozen backbone's BatchNorm must not
         self.projectors = nn.ModuleDict({m: projectors[m] for m in self.modalities})
+        from .projector import FeatureStandardizer
+
+        # Identity until fitted (projector.standardize_features); saved with the projectors.
+        self.feature_norms = nn.ModuleDict({m: FeatureStandardizer(int(encoders[m].feature_shape[-1]))
+                                            for m in self.modalities})
         self.fusion = fusion
         self.llm = llm.model
         self.tokenizer = llm.tokenizer
@@ -270,7 +275,7 @@ class MedTVTModel(nn.Module):
             if tuple(features.shape[1:]) != want:
                 raise DataError(f"modality {name!r}: cached features have shape {tuple(features.shape[1:])} per sample, "
                                 f"encoder {type(enc).__name__} gives {want}; rebuild the feature cache")
-        tokens = self.projectors[name](enc.pool(features))
+        tokens = self.projectors[name](enc.pool(self.feature_norms[name](features)))
         k = self.config.tokens_per_modality
         if tokens.shape[1] != k:  # a one-token encoder (labs) fills all K slots with its token
             tokens = tokens.expand(-1, k, -1)
@@ -566,7 +571,7 @@ class MedTVTModel(nn.Module):
                 if self._encoder_is_random(m) or k not in backbone:
                     keep.add(f"encoders.{m}.{k}")
         state = self.state_dict(keep_vars=True)
-        keep |= {k for k in state if k.startswith(("projectors.", "fusion."))}
+        keep |= {k for k in state if k.startswith(("projectors.", "fusion.", "feature_norms."))}
         if self._llm_base_is_random():
             keep |= {k for k in state if k.startswith("llm.") and "lora_" not in k}
         elif self.extras_trained:

@@ -162,11 +162,31 @@ class Run:
 
             for name, ds in self.splits.items():
                 encode_dataset(ds, batch_size=32, num_workers=cfg.data.num_workers)
+        if cfg.projector.standardize_features:
+            self._fit_feature_norms()
         self.timings["encode"] = time.perf_counter() - t0
         for name, ds in self.splits.items():
             if ds.skipped:
                 self.echo(f"{name}: skipped {len(ds.skipped)} bad sample(s): {ds.skipped[0]}"
                           + (" ..." if len(ds.skipped) > 1 else ""))
+
+    @torch.no_grad()
+    def _fit_feature_norms(self) -> None:
+        """Per-channel mean/std of every modality's frozen features over the training splits."""
+        for m in self.cfg.modalities:
+            self.model.feature_norms[m].fit(self._training_features(m))
+
+    def _training_features(self, m: str):
+        for split in ("pt", "train"):
+            ds = self.splits.get(split)
+            for i in range(len(ds) if ds is not None else 0):
+                it = ds[i]
+                if it is None or not it["present"].get(m):
+                    continue
+                f = it["features"].get(m)
+                if f is None:  # not cached (random training crops): encode the sample
+                    f = self.model.encoders[m].encode(it["inputs"][m].unsqueeze(0).to(self.model.device))[0].cpu()
+                yield f
 
     def _corpus(self) -> list[str]:
         from .data.schema import read_qa_file

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,3 +54,41 @@ class DenseProjector(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+class FeatureStandardizer(nn.Module):
+    """Fixed per-channel standardisation ``(x - mean) / std`` of frozen features ``[..., C]``.
+
+    The statistics are fitted once on the training split (:meth:`fit`) and stored as buffers, so
+    they travel with the checkpoint.  Until fitted it is the identity.  Frozen encoders with
+    random or poorly scaled outputs keep most of their between-patient signal in small
+    deviations around a large common mean; standardising puts that signal at unit scale.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit(self, features: "Iterable[torch.Tensor]") -> int:
+        """Fit on training samples' features (each ``[N, C]`` or ``[C]``), streamed: running sums in
+        float64, so a large split never has to sit in memory.  Returns the number of samples."""
+        n, total, total_sq, count = 0, None, None, 0
+        for f in features:
+            flat = f.reshape(-1, f.shape[-1]).double()
+            total = flat.sum(0) if total is None else total + flat.sum(0)
+            total_sq = flat.pow(2).sum(0) if total_sq is None else total_sq + flat.pow(2).sum(0)
+            count += flat.shape[0]
+            n += 1
+        if n == 0:
+            return 0
+        mean = total / count
+        var = (total_sq / count - mean.pow(2)).clamp_min(0)
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.std.copy_(var.sqrt().clamp_min(self.eps).to(self.std.dtype))
+        return n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)

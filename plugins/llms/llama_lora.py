@@ -83,6 +83,12 @@ class LlamaLoraConfig(PluginConfig):
         4000, ge=300, description="vocabulary of the BPE tokenizer trained on the corpus (no model_path)")
     tokenizer_min_frequency: int = Field(2, ge=1, description="min pair count of a BPE merge (trained tokenizer)")
     seed: int = Field(0, description="seed of the random initialisation (no model_path)")
+    pretrain_steps: int = Field(
+        0, ge=0, description="no model_path only: first train the random base as a causal LM on the corpus "
+                             "for this many steps (a stand-in for a pretrained checkpoint in demos); 0: off")
+    pretrain_lr: float = Field(3e-3, gt=0, description="learning rate of that base pretraining")
+    pretrain_batch_size: int = Field(32, ge=1, description="texts per step of that base pretraining")
+    pretrain_max_length: int = Field(256, ge=8, description="tokens per text in that base pretraining")
 
     @field_validator("target_modules")
     @classmethod
@@ -183,6 +189,37 @@ def set_trainable_extras(model: Any, enabled: bool) -> list[str]:
 
 def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
+
+
+def pretrain_base(model: Any, tok: Any, texts: Sequence[str], placeholders: Sequence[str], *, steps: int,
+                  lr: float, batch_size: int, max_length: int, seed: int) -> None:
+    """Causal-LM training of a randomly initialised base on ``texts`` with transformers' Trainer.
+
+    Demos have no pretrained LLaMA; a few hundred steps on the cohort's own text give the frozen
+    base the language that LoRA then adapts, as a real checkpoint would.  Placeholders are
+    removed from the text (their embeddings are replaced by modality tokens anyway).
+    """
+    import tempfile
+
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    clean = [t for t in _clean_corpus(texts, placeholders) if t.strip()]
+    if not clean:
+        raise ConfigError("llm.options.pretrain_steps: the corpus holds no text")
+    eos = tok.eos_token or ""
+    enc = tok([t + eos for t in clean], truncation=True, max_length=max_length)
+    data = [{"input_ids": ids} for ids in enc["input_ids"]]
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    with tempfile.TemporaryDirectory(prefix="medtvt-pretrain-") as tmp, torch.random.fork_rng(devices=[]):
+        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+                                 learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+                                 save_strategy="no", report_to=[], logging_steps=max(steps // 4, 1), seed=seed,
+                                 data_seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                                 remove_unused_columns=False)
+        model.train()
+        Trainer(model=model, args=args, train_dataset=data, data_collator=collator).train()
+    model.eval()
 
 
 # --------------------------------------------------------------------------- plugin
@@ -302,6 +339,11 @@ class LlamaLoraBackbone(LLMBackbone):
                 model = AutoModelForCausalLM.from_config(
                     mcfg, dtype=dtype, attn_implementation=cfg.attn_implementation)
         self._resize_for(model, len(tok))
+        if self.pretrained_path is None and cfg.pretrain_steps:
+            if corpus is None:
+                raise ConfigError("llm.options.pretrain_steps > 0 needs a corpus (the dataset's text) to train on")
+            pretrain_base(model, tok, corpus(), placeholders, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                          batch_size=cfg.pretrain_batch_size, max_length=cfg.pretrain_max_length, seed=cfg.seed)
         for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
             tid = getattr(tok, k, None)
             if tid is not None and getattr(model.generation_config, k, None) is None:
