@@ -123,7 +123,10 @@ def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_
     _logging(False)
     axes = _grid(grids)
     out = Path(output_dir or "runs/ablate")
+    # Variants share one synthetic cohort (when data.root is unset) and one stage store.
+    extra_data = [] if any(s.startswith("data.root=") for s in sets) else [f"data.root={out / 'data'}"]
     rows: list[dict[str, Any]] = []
+    shared_data = False
     for values in itertools.product(*[v for _, v in axes]):
         combo = dict(zip([a for a, _ in axes], values))
         kw: dict[str, Any] = dict(fusion=fusion, modalities=modalities, rewards=rewards, stages=stages)
@@ -134,6 +137,18 @@ def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_
             else:
                 extra.append(f"{axis}={v}")
         name = _variant_name(combo)
+        if not shared_data:
+            base = resolve_from_cli(preset, config_file, kw["fusion"], kw["modalities"], kw["rewards"], kw["stages"],
+                                    str(out / name), extra, default_preset="demo")
+            if base.data.root is None and extra_data:
+                from medtvt_core.data.synth import ensure_synthetic
+
+                s = base.data.synth
+                ensure_synthetic(out / "data", n_patients=s.n_patients, seed=s.seed, test_fraction=s.test_fraction)
+            else:
+                extra_data = []
+            shared_data = True
+        extra = extra + extra_data
         cfg = resolve_from_cli(preset, config_file, kw["fusion"], kw["modalities"], kw["rewards"], kw["stages"],
                                str(out / name), extra, default_preset="demo")
         click.echo(f"== variant {name}")

@@ -44,7 +44,8 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
     part: dict[str, Any] = {
         "seed": cfg.seed,
         "data": {k: v for k, v in dump["data"].items() if k not in ("cache_dir", "num_workers", "use_cache")},
-        "data_root": str(data_root.resolve()),
+        # A synthetic cohort is defined by data.synth (already in "data"), not by where it was written.
+        "data_root": str(data_root.resolve()) if cfg.data.root is not None else None,
         "modalities": cfg.modalities,
         "encoders": {m: dump["encoders"][m] for m in cfg.modalities},
         "projector": dump["projector"],
