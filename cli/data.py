@@ -7,21 +7,12 @@ from typing import Any
 import click
 import yaml
 
-from medtvt_core.errors import ConfigError, MedtvtError
+from medtvt_core.errors import ConfigError
+
+from .common import _Group
 
 
-class _DataGroup(click.Group):
-    """Turns :class:`MedtvtError` into one ``error:`` line and exit code 2 (also when used standalone)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except MedtvtError as err:
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(err.exit_code)
-
-
-@click.group("data", cls=_DataGroup)
+@click.group("data", cls=_Group)
 def data_group() -> None:
     """Synthesise or validate datasets (MedTVT-QA + MIMIC formats)."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +67,17 @@ def eval_cmd(run_dir: str, stage: str | None, sets: tuple[str, ...], quiet: bool
         raise ConfigError(f"--set {bad[0]}: medtvt eval only takes eval.* overrides")
     cfg = resolve_config(config_file=Path(run_dir) / "config.yaml", sets=list(sets))
     stage = stage or cfg.stages[-1]
-    r = Run(cfg, resume=True, progress=not quiet, echo=click.echo)
-    r.setup(check_config=False)
-    final = r._stage_dir(stage) / FINAL
-    if not (final / "config.json").is_file():
-        raise ConfigError(f"stage {stage!r} of {run_dir} has no completed checkpoint ({final})")
-    r.model.load_weights(final)
-    r.model.configure_trainable(stage)  # sets whether fusion runs (not in PT)
-    res = r.evaluate_stage(stage)
+    # stdout carries the JSON summary only: what rebuilding the model prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        r = Run(cfg, resume=True, progress=not quiet, echo=click.echo)
+        r.setup(check_config=False)
+        final = r._stage_dir(stage) / FINAL
+        if not (final / "config.json").is_file():
+            raise ConfigError(f"stage {stage!r} of {run_dir} has no completed checkpoint ({final})")
+        # PT does not run the fusion; a PT shared by `medtvt ablate` holds another variant's fusion tensors
+        r.model.load_weights(final, exclude=("fusion.",) if stage == "pt" else ())
+        r.model.configure_trainable(stage)  # sets whether fusion runs (not in PT)
+        res = r.evaluate_stage(stage)
     path = Path(run_dir) / "metrics.json"
     summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
     summary.setdefault("stages", {})[stage] = res
@@ -205,8 +210,10 @@ def diagnose_cmd(run_dir, stage, ecg, cxr, lab, lab_id, question, max_new_tokens
     from medtvt_core.diagnose import diagnose
 
     _logging(False)
-    text, weights = diagnose(Path(run_dir), stage=stage, ecg=ecg, cxr=cxr, lab=lab, lab_id=lab_id,
-                             question=question, max_new_tokens=max_new_tokens)
+    # stdout carries the report only: what rebuilding the model prints (Trainer logs) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        text, weights = diagnose(Path(run_dir), stage=stage, ecg=ecg, cxr=cxr, lab=lab, lab_id=lab_id,
+                                 question=question, max_new_tokens=max_new_tokens)
     click.echo(text)
     if weights:
         click.echo("modality weights: " + ", ".join(f"{m} {w:.3f}" for m, w in weights.items()), err=True)

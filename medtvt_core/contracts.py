@@ -33,6 +33,19 @@ class PluginConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @classmethod
+    def checked(cls, where: str, **values: Any) -> "PluginConfig":
+        """Validate ``values``; a bad one is a one-line :class:`ConfigError` naming ``where``."""
+        from pydantic import ValidationError
+
+        from .config import format_validation_error
+        from .errors import ConfigError
+
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, where)) from None
+
 
 # --------------------------------------------------------------------------- modalities
 class Modality(ABC):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
 
 from .errors import ConfigError, DataError
 
@@ -12,6 +12,8 @@ def diagnose(run_dir: Path, *, stage: str | None = None, ecg: str | None = None,
              lab: str | None = None, lab_id: str | None = None, question: str | None = None,
              max_new_tokens: int | None = None) -> tuple[str, dict[str, float] | None]:
     """Generated report and modality weights for the given files (absent modalities are masked)."""
+    import torch
+
     from .config import resolve_config
     from .data.dataset import QADataset
     from .data.schema import QARecord
@@ -31,7 +33,8 @@ def diagnose(run_dir: Path, *, stage: str | None = None, ecg: str | None = None,
     final = r._stage_dir(stage) / FINAL
     if not (final / "config.json").is_file():
         raise ConfigError(f"stage {stage!r} of {run_dir} has no completed checkpoint ({final})")
-    r.model.load_weights(final)
+    # PT does not run the fusion; a PT shared by `medtvt ablate` holds another variant's fusion tensors
+    r.model.load_weights(final, exclude=("fusion.",) if stage == "pt" else ())
     r.model.configure_trainable(stage)
     r.model.eval()
 
@@ -67,10 +70,11 @@ def diagnose(run_dir: Path, *, stage: str | None = None, ecg: str | None = None,
     batch = ds.collator()([ds[0]])
     proc = r.model.processor
     feats = proc.generation_features(batch["prompts"])
-    new_ids = r.model.generate(feats["input_ids"], feats["attention_mask"], modality_mask=batch["modality_mask"],
-                               modality_inputs=batch["modality_inputs"], modality_features=batch["modality_features"],
-                               max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, do_sample=False)
-    _, w = r.model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
+    with torch.no_grad():  # inference only: no autograd graph (and no requires_grad warning on float())
+        new_ids = r.model.generate(feats["input_ids"], feats["attention_mask"], modality_mask=batch["modality_mask"],
+                                   modality_inputs=batch["modality_inputs"], modality_features=batch["modality_features"],
+                                   max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, do_sample=False)
+        _, w = r.model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
     weights = None if w is None else {m: float(w[0, j]) for j, m in enumerate(r.model.modalities)
                                       if bool(batch["modality_mask"][0, j])}
     return proc.decode(new_ids)[0], weights

@@ -73,7 +73,7 @@ def _plot_weights(out: Path, weights: dict[str, dict[str, float]], stage: str) -
 
 def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: dict[str, list[dict[str, Any]]]) -> Path:
     stages = summary.get("stages", {})
-    lines = [f"# medtvt run report", "",
+    lines = ["# medtvt run report", "",
              f"- preset: `{cfg.preset}`, seed {cfg.seed}, stages {' -> '.join(s.upper() for s in cfg.stages)}",
              f"- modalities: {', '.join(cfg.modalities)}; fusion `{cfg.fusion.name}` {cfg.fusion.options or ''}; "
              f"LLM `{cfg.llm.name}` {cfg.llm.options or ''}",

@@ -364,8 +364,7 @@ def test_loop_drives_the_multimodal_model(tmp_path):
     need = {"encoders": ["ecgfm-ked", "vit", "symile"], "fusion": ["mpl"], "llms": ["llama-lora"],
             "rewards": ["format", "jaccard"]}
     missing = [f"{k}:{n}" for k, names in need.items() for n in names if n not in cat[k]]
-    if missing:
-        pytest.skip(f"plugins not installed yet: {', '.join(missing)}")
+    assert not missing, f"built-in plugins missing (reinstall the package): {', '.join(missing)}"
     names = {"ecg": "ecgfm-ked", "cxr": "vit", "lab": "symile"}
     cfg = MedTVTConfig.model_validate(dict(
         modalities=list(names), encoders={m: {"name": n, "options": {"variant": "tiny"}} for m, n in names.items()},

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from medtvt_core import hookimpl
@@ -174,13 +174,8 @@ class EcgfmKedEncoder(Encoder):
     def __init__(self, *, variant: str = "full", num_tokens: int = 1, weights: str | Path | None = None,
                  trust_checkpoint: bool = False):
         super().__init__()
-        try:
-            self.config = EcgfmKedConfig(variant=variant, num_tokens=num_tokens, weights=weights,
+        self.config = EcgfmKedConfig.checked("ecgfm-ked options", variant=variant, num_tokens=num_tokens, weights=weights,
                                          trust_checkpoint=trust_checkpoint)
-        except ValidationError as exc:
-            from medtvt_core.config import format_validation_error
-
-            raise ConfigError(format_validation_error(exc, "ecgfm-ked options")) from None
         arch = ARCHS[self.config.variant]
         self.backbone = XResNet1d(NUM_LEADS, arch.stem, arch.widths, arch.layers, expansion=arch.expansion,
                                   kernel_size=arch.kernel_size, strides=arch.strides)

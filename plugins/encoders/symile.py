@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from medtvt_core import hookimpl
 from medtvt_core.checkpoints import load_into, load_state_file, select_state
 from medtvt_core.contracts import Encoder, PluginConfig
-from medtvt_core.errors import ConfigError, DataError
+from medtvt_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,8 @@ class SymileEncoder(Encoder):
     def __init__(self, *, variant: str = "full", num_tokens: int = 1, weights: str | Path | None = None,
                  state_prefix: str = "labs_encoder.", trust_checkpoint: bool = False):
         super().__init__()
-        try:
-            self.config = SymileConfig(variant=variant, num_tokens=num_tokens, weights=weights,
+        self.config = SymileConfig.checked("symile options", variant=variant, num_tokens=num_tokens, weights=weights,
                                        state_prefix=state_prefix, trust_checkpoint=trust_checkpoint)
-        except ValidationError as exc:
-            from medtvt_core.config import format_validation_error
-
-            raise ConfigError(format_validation_error(exc, "symile options")) from None
         widths = WIDTHS[self.config.variant]
         self.backbone = LabsEncoder(widths)
         self.input_shape = (NUM_INPUTS,)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from medtvt_core import hookimpl
 from medtvt_core.checkpoints import load_into, load_state_file, select_state, strip_common_prefix
 from medtvt_core.contracts import Encoder, PluginConfig
-from medtvt_core.errors import CheckpointError, ConfigError, DataError
+from medtvt_core.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +162,8 @@ class VitEncoder(Encoder):
     def __init__(self, *, variant: str = "base", num_tokens: int = 1, weights: str | Path | None = None,
                  trust_checkpoint: bool = False):
         super().__init__()
-        try:
-            self.config = VitConfig(variant=variant, num_tokens=num_tokens, weights=weights,
+        self.config = VitConfig.checked("vit options", variant=variant, num_tokens=num_tokens, weights=weights,
                                     trust_checkpoint=trust_checkpoint)
-        except ValidationError as exc:
-            from medtvt_core.config import format_validation_error
-
-            raise ConfigError(format_validation_error(exc, "vit options")) from None
         self.vit = build_vit(self.config.variant)
         width = VARIANTS[self.config.variant]["embed_dim"]
         self.head = nn.Conv1d(NUM_TOKENS_OUT, self.config.num_tokens, kernel_size=1)

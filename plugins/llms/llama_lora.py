@@ -230,16 +230,7 @@ class LlamaLoraBackbone(LLMBackbone):
     contract_options: ClassVar[dict[str, Any]] = {"variant": "tiny"}
 
     def __init__(self, **options: Any):
-        try:
-            self.config = LlamaLoraConfig.model_validate(options)
-        except Exception as err:
-            from pydantic import ValidationError
-
-            from medtvt_core.config import format_validation_error
-
-            if isinstance(err, ValidationError):
-                raise ConfigError(format_validation_error(err, "llm.options (llama-lora)")) from None
-            raise
+        self.config = LlamaLoraConfig.checked("llm.options (llama-lora)", **options)
 
     # ---------------------------------------------------------------- info
     @property

@@ -1,0 +1,391 @@
+"""The main job end to end through the real ``medtvt`` console script, on a tiny configuration.
+
+Every command runs in a subprocess (``CUDA_VISIBLE_DEVICES=""``, offline hub), as a user runs it:
+``medtvt run`` (PT -> SFT -> RFT -> eval), ``eval``, ``diagnose``, ``ablate``, the one-line errors
+of bad input, and ``--resume`` after a real ``SIGKILL`` compared tensor by tensor with an
+uninterrupted run of the same seed.
+
+One synthetic cohort (24 patients) and one feature cache are shared by every run (the cache is
+keyed by file content and encoder identity, so sharing it changes no result, only the time).
+The uninterrupted run of ``full_run`` is reused: by the structure test, by ``eval``/``diagnose``
+and as the reference of the resume test (the run directory is not part of any result).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+MEDTVT = Path(sys.executable).with_name("medtvt")
+STAGES = ("pt", "sft", "rft")
+
+# The tiny configuration (on top of the demo preset): seconds per stage on 2 CPU cores.
+TINY_SETS = [
+    "data.synth.n_patients=24",
+    "pt.epochs=1", "pt.max_steps=3", "pt.save_steps=1", "pt.logging_steps=1",
+    "sft.max_steps=3", "sft.save_steps=1", "sft.logging_steps=1",
+    "rft.max_steps=2", "rft.num_generations=2", "rft.batch_size=2", "rft.max_completion_length=16",
+    "rft.save_steps=1", "rft.logging_steps=1",
+    "eval.max_new_tokens=16", "eval.limit=4", "eval.metrics=[bleu,rouge]",
+    "llm.options.pretrain_steps=5",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def _show(r: subprocess.CompletedProcess) -> str:
+    return (f"\n$ {' '.join(map(str, r.args))}\nrc={r.returncode}\n--- stdout (tail)\n{r.stdout[-3000:]}"
+            f"\n--- stderr (tail)\n{r.stderr[-6000:]}")
+
+
+def medtvt(*args: object, timeout: float = 480) -> subprocess.CompletedProcess:
+    """Run the installed console script; ``timeout`` guards against a hang, not a slow machine."""
+    return subprocess.run([str(MEDTVT), *map(str, args)], capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, _show(r)
+    assert "Traceback" not in r.stderr, _show(r)
+    return r
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2 and exactly one non-empty stderr line ``error: ...`` holding every needle."""
+    assert r.returncode == 2, _show(r)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), _show(r)
+    assert "Traceback" not in r.stdout + r.stderr, _show(r)
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in the error line{_show(r)}"
+    return lines[0]
+
+
+def safetensors_of(d: Path) -> dict[str, Path]:
+    return {str(p.relative_to(d)): p for p in sorted(d.rglob("*.safetensors"))}
+
+
+def assert_same_tensors(a: Path, b: Path) -> int:
+    """Every safetensors file under ``a`` exists under ``b`` with bit-identical tensors; returns the count."""
+    import torch
+    from safetensors.torch import load_file
+
+    fa, fb = safetensors_of(a), safetensors_of(b)
+    assert fa and sorted(fa) == sorted(fb), (sorted(fa), sorted(fb))
+    n = 0
+    for rel in fa:
+        ta, tb = load_file(str(fa[rel])), load_file(str(fb[rel]))
+        assert sorted(ta) == sorted(tb), rel
+        diff = [k for k in ta if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k])]
+        assert not diff, (f"{rel}: {len(diff)}/{len(ta)} tensors differ, e.g. {diff[:3]} (max |diff| "
+                          f"{max(float((ta[k].float() - tb[k].float()).abs().max()) for k in diff[:3] if ta[k].shape == tb[k].shape) if diff else 0})")
+        n += len(ta)
+    return n
+
+
+def run_then_kill(out: Path, config: Path, marker: str, *extra: str, timeout: float = 420) -> None:
+    """Start ``medtvt run`` and SIGKILL it the moment ``out/marker`` exists (for a Trainer checkpoint
+    directory that is while it is being written)."""
+    log_path = out.parent / f"{out.name}-{marker.replace('/', '_')}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(MEDTVT), "run", "--config", str(config), "--out", str(out), "--quiet", *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=_env())
+        t0 = time.monotonic()
+        try:
+            while not (out / marker).exists() and proc.poll() is None and time.monotonic() - t0 < timeout:
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+    tail = log_path.read_text()[-6000:]
+    assert (out / marker).exists(), f"{marker} did not appear (rc={proc.returncode}):\n{tail}"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (rc={proc.returncode}):\n{tail}"
+
+
+def ecg_cxr_lab_of(root: Path, split_file: str, index: int = 0) -> tuple[str, str, str, dict]:
+    rec = json.loads((root / split_file).read_text())[index]
+    return str(root / rec["ECG"][0]), str(root / rec["image"][0]), str(rec["lab"][0]), rec
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    from medtvt_core.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("cohort") / "data"
+    synthesize(root, n_patients=24, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory, cohort) -> Path:
+    """The tiny configuration as a YAML file (resolved from the demo preset + TINY_SETS)."""
+    from medtvt_core.config import dump_config, resolve_config
+
+    d = tmp_path_factory.mktemp("config")
+    cfg = resolve_config(preset="demo", sets=[*TINY_SETS, f"data.root={cohort}", f"data.cache_dir={d / 'cache'}",
+                                              f"output_dir={d / 'unused'}"])
+    assert cfg.data.root == cohort and cfg.rft.num_generations == 2 and cfg.llm.options["pretrain_steps"] == 5
+    assert cfg.llm.options["variant"] == "tiny"  # --set llm.options.X keeps the preset's other options
+    path = d / "tiny.yaml"
+    path.write_text(dump_config(cfg))
+    return path
+
+
+@dataclass
+class FinishedRun:
+    out: Path
+    result: subprocess.CompletedProcess
+    metrics: dict  # metrics.json as the run wrote it (tests below rewrite parts of the file)
+    predictions: dict  # stage -> eval/<stage>.jsonl text as the run wrote it
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tiny_config) -> FinishedRun:
+    out = tmp_path_factory.mktemp("full") / "run"
+    t0 = time.perf_counter()
+    r = ok(medtvt("run", "--config", tiny_config, "--out", out, "--quiet"))
+    secs = time.perf_counter() - t0
+    return FinishedRun(out, r, json.loads((out / "metrics.json").read_text()),
+                       {s: (out / "eval" / f"{s}.jsonl").read_text() for s in STAGES}, secs)
+
+
+# --------------------------------------------------------------------------- 1. medtvt run
+def test_run_completes_pt_sft_rft_eval(full_run, tiny_config):
+    out, r = full_run.out, full_run.result
+    # progress lines of every stage, in order
+    log = r.stdout
+    pos = [log.index(f"[{s}] training") for s in STAGES] + [log.index("done: ")]
+    assert pos == sorted(pos), log[-3000:]
+    for s in STAGES:
+        assert f"[{s}] F1 " in log
+
+    # the resolved configuration, exactly what --config gave (plus the run directory)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    given = yaml.safe_load(tiny_config.read_text())
+    assert saved == {**given, "output_dir": str(out)}
+
+    # per-stage results: config + trainable weights + peft adapter; Trainer/GRPO checkpoints beside them
+    for s in STAGES:
+        final = out / s / "final"
+        assert json.loads((final / "config.json").read_text())
+        assert (final / "model.safetensors").stat().st_size > 0
+        assert (final / "adapter" / "adapter_config.json").is_file()
+        assert (final / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+        assert any(p.name.startswith("checkpoint-") for p in (out / s).iterdir()), f"{s}: no checkpoint"
+        assert not (out / s / ".final.tmp").exists()
+    from safetensors.torch import load_file
+
+    # each stage trained something: the saved weights differ between consecutive stages
+    w = {s: load_file(str(out / s / "final" / "model.safetensors")) for s in STAGES}
+    for a, b in (("pt", "sft"), ("sft", "rft")):
+        common = set(w[a]) & set(w[b])
+        assert common and any(not w[a][k].equal(w[b][k]) for k in common), f"{b} did not change {a}'s weights"
+
+    # metrics.json: per stage ce (precision, recall, f1, auc) + nlg (the metrics asked for), and a baseline
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["seed"] == 0 and list(m["stages"]) == list(STAGES)
+    for s in STAGES:
+        st = m["stages"][s]
+        assert st["n"] == 4  # eval.limit
+        for k in ("precision", "recall", "f1"):
+            assert 0.0 <= st["ce"][k] <= 1.0, (s, k, st["ce"][k])
+        assert st["ce"]["auc"] is not None and 0.0 <= st["ce"]["auc"] <= 1.0
+        assert set(st["ce"]["per_category"]) >= {"Hypertension", "Atrial Fibrillation"}
+        assert 0.0 <= st["nlg"]["bleu"] <= 1.0 and 0.0 <= st["nlg"]["rouge"] <= 1.0
+        assert "meteor" not in st["nlg"] and "bertscore" not in st["nlg"]  # only eval.metrics
+        assert set(st["reward"]) == {"format", "jaccard", "total"}
+    base = m["baseline"]
+    assert base["strategy"] in ("per_category", "most_frequent_set") and base["prediction"]
+    assert 0.0 < base["f1"] <= 1.0  # the majority answer of this cohort is right for some test patients
+    assert set(m["timings_s"]) >= {"pt", "sft", "rft", "eval_rft", "total"}
+
+    # history.json: loss curves of PT/SFT, reward curve of RFT
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in hist["pt"] if "loss" in h] == [1, 2, 3]
+    assert [h["step"] for h in hist["rft"] if "reward" in h] == [1, 2]
+
+    # report.md: the table and plots, every referenced image exists
+    rep = (out / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", rep)
+    assert {"loss.png", "rewards.png"} <= set(images), images
+    for img in images:
+        assert (out / img).stat().st_size > 1000, img
+    for s in STAGES:
+        assert f"| {s.upper()} | " in rep
+    assert "majority baseline" in rep
+
+    # eval/<stage>.jsonl: one generated report per evaluated test record
+    test_ids = [r["id"] for r in json.loads((Path(saved["data"]["root"]) / "qa/disease_test.json").read_text())]
+    for s in STAGES:
+        rows = [json.loads(x) for x in (out / "eval" / f"{s}.jsonl").read_text().splitlines()]
+        assert [x["id"] for x in rows] == test_ids[:4]
+        for x in rows:
+            assert "<answer>" in x["reference"] and isinstance(x["prediction"], str)
+            # PT runs without the fusion (no modality weights); SFT/RFT weigh every present modality
+            assert (x["weights"] is None) if s == "pt" else (set(x["weights"]) == {"ecg", "cxr", "lab"})
+
+
+# --------------------------------------------------------------------------- 3. run directory guards
+def test_existing_run_dir_needs_resume_and_the_same_config(full_run, tiny_config):
+    out = full_run.out
+    before = {p: p.stat().st_mtime_ns for p in (out / "config.yaml", out / "metrics.json")}
+
+    one_line_error(medtvt("run", "--config", tiny_config, "--out", out, "--quiet"), "already holds a run", "--resume")
+    one_line_error(medtvt("run", "--config", tiny_config, "--out", out, "--quiet", "--resume", "--set", "rft.beta=0.1"),
+                   "--resume", "configuration differs")
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # neither touched the run
+
+
+# --------------------------------------------------------------------------- 4. eval and diagnose
+def test_eval_rewrites_the_metrics_of_one_stage(full_run):
+    out = full_run.out
+    path = out / "metrics.json"
+    stale = json.loads(path.read_text())
+    stale["stages"]["sft"] = {"ce": {"precision": -1, "recall": -1, "f1": -1, "auc": -1}, "stale": True}
+    path.write_text(json.dumps(stale))
+    (out / "eval" / "sft.jsonl").unlink()
+
+    r = ok(medtvt("eval", "--run", out, "--stage", "sft", "--quiet"))
+    printed = json.loads(r.stdout)  # stdout is the JSON summary alone (model-build logs go to stderr)
+    new = json.loads(path.read_text())
+    want = full_run.metrics["stages"]["sft"]
+    # the SFT checkpoint evaluated again gives what the run measured; the other stages are left alone
+    assert "stale" not in new["stages"]["sft"]
+    assert new["stages"]["sft"]["ce"] == want["ce"] and new["stages"]["sft"]["nlg"] == want["nlg"]
+    for s in ("pt", "rft"):
+        assert new["stages"][s] == full_run.metrics["stages"][s]
+    assert new["baseline"] == full_run.metrics["baseline"]
+    assert (out / "eval" / "sft.jsonl").read_text() == full_run.predictions["sft"]
+    assert printed["stage"] == "sft" and printed["f1"] == want["ce"]["f1"]
+    assert printed["baseline_f1"] == full_run.metrics["baseline"]["f1"]
+
+
+def test_diagnose_one_patient_without_labs(full_run, cohort):
+    ecg, cxr, _, _ = ecg_cxr_lab_of(cohort, "qa/disease_test.json")
+    r = ok(medtvt("diagnose", "--run", full_run.out, "--ecg", ecg, "--cxr", cxr))
+    assert r.stdout.rstrip("\n"), _show(r)  # the generated report (its wording is the tiny model's)
+    # stdout is the report only: nothing the model build logs (Trainer dicts, progress lines) mixes into it
+    assert "{'loss'" not in r.stdout and "[pt]" not in r.stdout, _show(r)
+    weights = [ln for ln in r.stderr.splitlines() if ln.startswith("modality weights: ")]
+    assert len(weights) == 1, _show(r)
+    got = dict(kv.rsplit(" ", 1) for kv in weights[0][len("modality weights: "):].split(", "))
+    assert sorted(got) == ["cxr", "ecg"]  # the absent lab is masked, not imputed
+    assert all(0.0 <= float(v) <= 1.0 for v in got.values())
+
+
+# --------------------------------------------------------------------------- 5. ablate
+def test_ablate_reuses_the_shared_pt_stage(tmp_path, tiny_config):
+    out = tmp_path / "abl"
+    r = ok(medtvt("ablate", "--config", tiny_config, "--grid", "fusion=mpl,cao", "--stages", "pt,sft",
+                  "--out", out, "--quiet"))
+    store = sorted(p.name.split("-")[0] for p in (out / "stages").iterdir())
+    assert store == ["pt", "sft", "sft"], store  # PT trained once, one SFT per fusion
+    first, second = r.stdout.split("== variant fusion-cao")
+    assert "== variant fusion-mpl" in first and "[pt] training" in first and "[sft] training" in first
+    assert "[pt] completed earlier" in second and "[pt] training" not in second
+    assert "[sft] training" in second
+
+    with (out / "ablation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [x["fusion"] for x in rows] == ["mpl", "cao"]
+    for x in rows:
+        assert 0.0 <= float(x["f1"]) <= 1.0 and 0.0 <= float(x["recall"]) <= 1.0
+        assert x["meteor"] == ""  # not computed: an empty cell, never a made-up value
+        m = json.loads((out / x["variant"] / "metrics.json").read_text())
+        assert list(m["stages"]) == ["pt", "sft"] and float(x["f1"]) == m["stages"]["sft"]["ce"]["f1"]
+    md = (out / "ablation.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| mpl |") or ln.startswith("| cao |")]
+    assert len(table) == 2, md
+    assert "Table 3" in md
+
+
+# --------------------------------------------------------------------------- 6. bad input
+def test_bad_plugin_names_are_one_line_errors(tmp_path, tiny_config):
+    out = tmp_path / "never"
+    one_line_error(medtvt("run", "--config", tiny_config, "--fusion", "nope", "--out", out), "'nope'", "mpl", "cao")
+    one_line_error(medtvt("run", "--config", tiny_config, "--modalities", "ecg,xray", "--out", out), "xray")
+    assert not out.exists()
+
+
+def test_broken_qa_record_is_a_one_line_error(tmp_path, cohort, tiny_config):
+    root = tmp_path / "data"
+    shutil.copytree(cohort, root)
+    qa = root / "qa" / "disease_train.json"
+    recs = json.loads(qa.read_text())
+    del recs[3]["messages"]
+    qa.write_text(json.dumps(recs))
+    one_line_error(medtvt("run", "--config", tiny_config, "--out", tmp_path / "run", "--set", f"data.root={root}"),
+                   "qa/disease_train.json", "record 3", "messages")
+    assert not (tmp_path / "run" / "pt").exists()  # nothing trained
+
+
+def test_missing_ecg_is_skipped_and_counted(tmp_path, cohort, tiny_config):
+    """``data.on_bad_sample=skip``: the record with a missing ECG file is left out, the run completes and
+    says how many samples it skipped.  The run (ECG + CXR only) also serves the diagnose check of a
+    modality it did not use."""
+    root = tmp_path / "data"
+    shutil.copytree(cohort, root)
+    ecg, _, _, rec = ecg_cxr_lab_of(root, "qa/disease_train.json", index=2)
+    Path(ecg + ".dat").unlink()
+    out = tmp_path / "run"
+    r = ok(medtvt("run", "--config", tiny_config, "--out", out, "--quiet", "--stages", "sft", "--modalities", "ecg,cxr",
+                  "--set", f"data.root={root}", "--set", "data.on_bad_sample=skip"))
+    skipped = [ln for ln in r.stdout.splitlines() if "skipped" in ln]
+    assert len(skipped) == 1 and skipped[0].startswith("train: skipped 1 bad sample(s)"), _show(r)
+    assert rec["id"] in skipped[0] and "does not exist" in skipped[0]
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["stages"]) == ["sft"] and m["stages"]["sft"]["n"] == 4
+    assert (out / "sft" / "final" / "model.safetensors").is_file()
+
+    lab_csv = cohort / "labs.csv"
+    one_line_error(medtvt("diagnose", "--run", out, "--lab", lab_csv), "--lab", "without the lab modality")
+
+
+# --------------------------------------------------------------------------- 2. --resume after kill -9
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, full_run, tiny_config):
+    """Kill -9 mid-SFT (when checkpoint-2 appears, i.e. while it is being written), resume; kill -9 again
+    when RFT's first checkpoint appears, resume to the end.  Same seed, other directory: the result
+    must be bit-identical to the uninterrupted ``full_run`` (every tensor of every stage's final/) and
+    so must the evaluation."""
+    out = tmp_path / "run"
+    run_then_kill(out, tiny_config, "sft/checkpoint-2")
+    assert (out / "pt" / "final" / "config.json").is_file() and not (out / "sft" / "final").exists()
+
+    run_then_kill(out, tiny_config, "rft/checkpoint-1", "--resume")
+    assert (out / "sft" / "final" / "config.json").is_file() and not (out / "rft" / "final").exists()
+
+    r = ok(medtvt("run", "--config", tiny_config, "--out", out, "--quiet", "--resume"))
+    assert "[pt] completed earlier" in r.stdout and "[sft] completed earlier" in r.stdout
+    assert "[rft] training" in r.stdout
+
+    ref = full_run.out
+    n = 0
+    for s in STAGES:
+        n += assert_same_tensors(ref / s / "final", out / s / "final")
+    assert n > 0
+    got = json.loads((out / "metrics.json").read_text())
+    for s in STAGES:
+        assert got["stages"][s]["ce"] == full_run.metrics["stages"][s]["ce"], s
+        assert got["stages"][s]["nlg"] == full_run.metrics["stages"][s]["nlg"], s
+    for s in STAGES:
+        assert (out / "eval" / f"{s}.jsonl").read_text() == full_run.predictions[s]
