@@ -74,8 +74,7 @@ def eval_cmd(run_dir: str, stage: str | None, sets: tuple[str, ...], quiet: bool
         final = r._stage_dir(stage) / FINAL
         if not (final / "config.json").is_file():
             raise ConfigError(f"stage {stage!r} of {run_dir} has no completed checkpoint ({final})")
-        # PT does not run the fusion; a PT shared by `medtvt ablate` holds another variant's fusion tensors
-        r.model.load_weights(final, exclude=("fusion.",) if stage == "pt" else ())
+        r.load_stage_result(stage)
         r.model.configure_trainable(stage)  # sets whether fusion runs (not in PT)
         res = r.evaluate_stage(stage)
     path = Path(run_dir) / "metrics.json"

@@ -664,7 +664,7 @@ class MedTVTModel(nn.Module):
             got = {k: v for k, v in got.items() if not k.startswith(skip)}
         own = self.state_dict()
         expected = [k for k in self.saved_state_keys() if not (skip and k.startswith(skip))]
-        _check_state(got, {k: own[k] for k in expected}, str(wfile))
+        check_state(got, {k: own[k] for k in expected}, str(wfile))
         self.load_state_dict(got, strict=False)
 
         adir = d / ADAPTER_DIR
@@ -674,7 +674,7 @@ class MedTVTModel(nn.Module):
         self._check_adapter_config(adir)
         adapter = load_state_file(afile)
         want = get_peft_model_state_dict(self.llm)
-        _check_state(adapter, want, str(afile))
+        check_state(adapter, want, str(afile))
         res = set_peft_model_state_dict(self.llm, adapter)
         unexpected = list(getattr(res, "unexpected_keys", []) or [])
         if unexpected:
@@ -701,7 +701,7 @@ class MedTVTModel(nn.Module):
                                       f"(llm.options); use the options the adapter was trained with")
 
 
-def _check_state(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
+def check_state(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shapes = [f"{k} expected {tuple(expected[k].shape)} found {tuple(got[k].shape)}"

@@ -53,11 +53,16 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
         "stages": upto,
         **{s: dump[s] for s in upto},
     }
-    if any(s in ("sft", "rft") for s in upto):
+    if uses_fusion(upto):
         part["fusion"] = dump["fusion"]  # PT runs without fusion: its result does not depend on it
     if "rft" in upto:
         part["rewards"] = dump["rewards"]
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def uses_fusion(stages: list[str] | tuple[str, ...]) -> bool:
+    """Whether the result of these stages depends on the fusion layer (PT runs without it)."""
+    return any(s != "pt" for s in stages)
 
 
 def seed_everything(seed: int) -> None:
@@ -223,7 +228,7 @@ class Run:
                                        else cfg.sft.train_extras)
         if (final / "config.json").is_file():
             self.echo(f"[{stage}] completed earlier: loading {final}")
-            self.model.load_weights(final)
+            self.load_stage_result(stage)
             hist = sdir / "history.json"
             if hist.is_file():
                 self.history[stage] = json.loads(hist.read_text())
@@ -252,6 +257,13 @@ class Run:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
+    def load_stage_result(self, stage: str) -> None:
+        """Load the completed result of ``stage`` into the model.  Before SFT the fusion takes no part:
+        a PT result shared by ``medtvt ablate`` holds another variant's (untrained) fusion tensors, so
+        this variant keeps its own."""
+        upto = self.cfg.stages[: self.cfg.stages.index(stage) + 1]
+        self.model.load_weights(self._stage_dir(stage) / FINAL, exclude=() if uses_fusion(upto) else ("fusion.",))
+
     def _run_rft(self, sdir: Path, resume: bool) -> list[dict[str, Any]]:
         from accelerate import Accelerator
 
@@ -269,7 +281,9 @@ class Run:
                         reward_names=[r.name for r in cfg.rewards], collate_fn=ds.collator(), seed=cfg.seed,
                         max_grad_norm=rc.max_grad_norm, min_lr=rc.min_lr, warmup_ratio=rc.warmup_ratio,
                         output_dir=sdir, accelerator=accel, callbacks=[self._rft_echo])
-        return loop.train(resume_from="latest" if resume else None)
+        # A stage that never reached its first checkpoint starts from the beginning.
+        last = GRPOLoop.latest_checkpoint(sdir) if resume else None
+        return loop.train(resume_from=last)
 
     def _rft_echo(self, event: str, loop: Any, logs: dict[str, Any] | None) -> None:
         if event == "log" and logs and self.progress:

@@ -147,7 +147,7 @@ class BertScore(evaluate.Metric):
             import bert_score
             from bert_score.utils import model2layers
         except ImportError:
-            return unavailable("bert-score is not installed (pip install 'medtvt[bertscore]')")
+            return unavailable("bert-score is not installed (pip install bert-score)")
         layers = self.num_layers or model2layers.get(path.name)
         if layers is None:
             return unavailable(f"bertscore_layers not given and {path.name!r} is not a model bert_score knows")

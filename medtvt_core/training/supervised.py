@@ -6,20 +6,23 @@ The same code runs on this CPU and under ``accelerate launch`` (DDP, FSDP, DeepS
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import StageConfig
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"  # the file name Trainer's resume logic looks for
+TRAINER_STATE = "trainer_state.json"  # written last into a Trainer checkpoint
 
 
 class MedTVTTrainer(Trainer):
@@ -38,16 +41,38 @@ class MedTVTTrainer(Trainer):
         trainable = trainable_state(model)
         safetensors.torch.save_file(trainable, os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        # Trainer's own loader assumes a PreTrainedModel and only warns about missing keys; a checkpoint
+        # of ours must hold exactly the parameters this stage trains, with their shapes.
+        if self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from ..modeling import check_state
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the parameters that require grad (tied copies saved once)."""
-    out: dict[str, torch.Tensor] = {}
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        path = os.path.join(resume_from_checkpoint, WEIGHTS)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{resume_from_checkpoint}: no {WEIGHTS}; cannot resume from it")
+        got = safetensors.torch.load_file(path, device="cpu")
+        own = dict(model.named_parameters())
+        check_state(got, {k: own[k] for k in trainable_state_names(model)}, path)
+        model.load_state_dict(got, strict=False)
+
+
+def trainable_state_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that require grad, one per tensor (tied copies once)."""
+    out: list[str] = []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            out[name] = p.detach().to("cpu").contiguous().clone()
+            out.append(name)
     return out
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the parameters that require grad (tied copies saved once)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu").contiguous().clone() for n in trainable_state_names(model)}
 
 
 class _HistoryCallback(TrainerCallback):
@@ -99,6 +124,29 @@ def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: st
     )
 
 
+def last_complete_checkpoint(out_dir: Path) -> str | None:
+    """The newest Trainer checkpoint under ``out_dir`` that was written to the end, or None.
+
+    Trainer writes ``checkpoint-N/`` in place, ``trainer_state.json`` last: a run killed while saving
+    leaves a folder without it (or with it cut short).  Such folders are removed, so that the resumed
+    run rewrites them whole.
+    """
+    if not out_dir.is_dir():
+        return None
+    found = sorted((int(p.name.split("-")[1]), p) for p in out_dir.iterdir()
+                   if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[1].isdigit())
+    for _, p in reversed(found):
+        try:
+            json.loads((p / TRAINER_STATE).read_text())
+            if (p / WEIGHTS).is_file():
+                return str(p)
+        except (OSError, ValueError):
+            pass
+        log.warning("removing incomplete checkpoint %s (the run was stopped while writing it)", p)
+        shutil.rmtree(p)
+    return None
+
+
 def run_supervised(
     model: torch.nn.Module,
     train_dataset: torch.utils.data.Dataset,
@@ -116,7 +164,7 @@ def run_supervised(
     args = training_arguments(cfg, out_dir, seed=seed, device=device, num_workers=num_workers)
     trainer = MedTVTTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                             callbacks=[_HistoryCallback(on_log)])
-    last = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
+    last = last_complete_checkpoint(out_dir) if resume else None
     if last:
         log.info("resuming %s from %s", out_dir.name, last)
     trainer.train(resume_from_checkpoint=last)
