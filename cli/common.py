@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import click
@@ -18,10 +19,23 @@ class _Group(click.Group):
         except MedtvtError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except click.UsageError as err:
+            # click's usage block is three lines; keep bad input to one (what, where, what is allowed)
+            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            click.echo(f"error: {err.format_message()} (see {where} --help)", err=True)
+            ctx.exit(err.exit_code)
 
 
 def config_options(f: Any) -> Any:
-    """Options shared by every command that resolves a RunConfig."""
+    """Options shared by every command that resolves a RunConfig.  ``--on-bad-sample`` reaches the
+    command as the ``--set data.on_bad_sample=...`` it stands for (before the explicit ``--set``s)."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, on_bad_sample: str | None = None, sets: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        if on_bad_sample:
+            sets = (f"data.on_bad_sample={on_bad_sample}", *sets)
+        return f(*args, sets=sets, **kwargs)
+
     opts = [
         click.option("--preset", help="Start from a preset: demo or paper."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML or TOML config file."),
@@ -30,11 +44,14 @@ def config_options(f: Any) -> Any:
         click.option("--rewards", help="Comma list of reward plugins, e.g. format,jaccard."),
         click.option("--stages", help="Comma list from pt,sft,rft."),
         click.option("--out", "output_dir", type=click.Path(file_okay=False), help="Run directory."),
+        click.option("--on-bad-sample", type=click.Choice(["skip", "fail"]),
+                     help="A sample whose file is missing or unreadable: skip it (counted and logged with its "
+                          "reason) or fail the run (default: the config's data.on_bad_sample)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any field, e.g. --set rft.num_generations=4 (repeatable)."),
     ]
     for o in reversed(opts):
-        f = o(f)
-    return f
+        wrapper = o(wrapper)
+    return wrapper
 
 
 def resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, *, default_preset=None):

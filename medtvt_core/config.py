@@ -49,8 +49,10 @@ class DataConfig(_Strict):
     cache_dir: Path | None = Field(None, description="feature cache; None: <out>/cache")
     use_cache: bool = Field(True, description="cache frozen-encoder features across epochs and stages")
     num_workers: int = Field(0, ge=0, description="DataLoader workers")
-    modality_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                                        description="reader options per modality name")
+    modality_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="reader options per modality name; like `encoders`, entries of registered modalities that "
+                    "`modalities` leaves out are validated and kept, so an ablation keeps the preset's options")
 
 
 class ProjectorConfig(_Strict):
@@ -367,8 +369,9 @@ def validate_plugins(cfg: RunConfig, catalog: Any = None) -> dict[str, BaseModel
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, f"{where}.options ({name})")) from None
 
-    for m in cfg.modalities:
+    for m in dict.fromkeys([*cfg.modalities, *cfg.data.modality_options]):
         check(f"modalities.{m}", catalog.modalities, m, cfg.data.modality_options.get(m, {}))
+    for m in cfg.modalities:
         ref = cfg.encoders[m]
         check(f"encoders.{m}", catalog.encoders, ref.name, ref.options)
         enc_mod = getattr(catalog.encoders.get(ref.name), "modality", m)

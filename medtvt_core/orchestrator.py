@@ -43,7 +43,8 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
     dump = json.loads(cfg.model_dump_json())
     part: dict[str, Any] = {
         "seed": cfg.seed,
-        "data": {k: v for k, v in dump["data"].items() if k not in ("cache_dir", "num_workers", "use_cache")},
+        "data": {**{k: v for k, v in dump["data"].items() if k not in ("cache_dir", "num_workers", "use_cache")},
+                 "modality_options": {m: o for m, o in dump["data"]["modality_options"].items() if m in cfg.modalities}},
         # A synthetic cohort is defined by data.synth (already in "data"), not by where it was written.
         "data_root": str(data_root.resolve()) if cfg.data.root is not None else None,
         "modalities": cfg.modalities,
@@ -146,7 +147,8 @@ class Run:
             self.data_root = Path(cfg.data.root)
         self.timings["data"] = time.perf_counter() - t0
 
-        self.modalities = build_modalities(cfg.modalities, cfg.data.modality_options, catalog)
+        self.modalities = build_modalities(cfg.modalities, {m: o for m, o in cfg.data.modality_options.items()
+                                                            if m in cfg.modalities}, catalog)
         tok_dir = self.out / "tokenizer"
         corpus = self._corpus
         seed_everything(cfg.seed)

@@ -83,6 +83,8 @@ def _cli(*args):
         (["config", "show", "--set", "fusion.options.style=both"], "fusion.options (mpl): style"),
         (["config", "show", "--set", "encoders.ecg.options.bogus=1"], "encoders.ecg.options (ecgfm-ked): bogus"),
         (["config", "show", "--modalities", "ecg,eeg"], "eeg"),
+        (["config", "show", "--on-bad-sample", "ignore"], "'ignore' is not one of 'skip', 'fail'"),
+        (["config", "show", "--fusoin", "mpl"], "No such option '--fusoin'"),
     ],
 )
 def test_cli_errors_exit_2_without_traceback(args, needle):
@@ -97,3 +99,26 @@ def test_cli_config_show_applies_overrides():
     assert res.returncode == 0, res.stderr
     data = yaml.safe_load(res.stdout)
     assert data["fusion"]["name"] == "cao" and data["rft"]["num_generations"] == 4
+
+
+def test_reader_options_of_a_left_out_modality_are_kept_and_checked():
+    """The demo preset sets CXR reader options; an ablation without the CXR must still resolve (as
+    `encoders.cxr` does), and those options are still validated against the CXR reader."""
+    from medtvt_core.config import validate_plugins
+
+    cfg = resolve_config(preset="demo", modalities="ecg,lab")
+    assert "cxr" in cfg.data.modality_options
+    assert "modalities.cxr" in validate_plugins(cfg)
+    bad = resolve_config(preset="demo", modalities="ecg,lab", sets=["data.modality_options.cxr.train_crop=diagonal"])
+    with pytest.raises(ConfigError, match=r"modalities.cxr.options \(cxr\).*train_crop"):
+        validate_plugins(bad)
+    typo = resolve_config(preset="demo", sets=["data.modality_options={xray: {}}"])
+    with pytest.raises(Exception, match="'xray'"):
+        validate_plugins(typo)
+
+
+def test_on_bad_sample_flag_is_the_config_field_and_set_wins():
+    skip = yaml.safe_load(_cli("config", "show", "--preset", "demo", "--on-bad-sample", "skip").stdout)
+    assert skip["data"]["on_bad_sample"] == "skip"
+    both = _cli("config", "show", "--preset", "demo", "--on-bad-sample", "skip", "--set", "data.on_bad_sample=fail")
+    assert yaml.safe_load(both.stdout)["data"]["on_bad_sample"] == "fail"  # --set has the last word

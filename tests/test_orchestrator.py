@@ -343,7 +343,7 @@ def test_missing_ecg_is_skipped_and_counted(tmp_path, cohort, tiny_config):
     Path(ecg + ".dat").unlink()
     out = tmp_path / "run"
     r = ok(medtvt("run", "--config", tiny_config, "--out", out, "--quiet", "--stages", "sft", "--modalities", "ecg,cxr",
-                  "--set", f"data.root={root}", "--set", "data.on_bad_sample=skip"))
+                  "--set", f"data.root={root}", "--on-bad-sample", "skip"))
     skipped = [ln for ln in r.stdout.splitlines() if re.match(r"\w+: skipped \d+ bad sample", ln)]
     assert len(skipped) == 1 and skipped[0].startswith("train: skipped 1 bad sample(s): "), _show(r)
     assert rec["id"] in skipped[0] and "does not exist" in skipped[0]
