@@ -34,6 +34,7 @@ STAGES = ("pt", "sft", "rft")
 # The tiny configuration (on top of the demo preset): seconds per stage on 2 CPU cores.
 TINY_SETS = [
     "data.synth.n_patients=24",
+    "encoders.lab.options.variant=tiny",  # the demo's full-width labs MLP is not needed to test the plumbing
     # batch sizes pinned (the demo preset's are being tuned): SFT has 2 batches per epoch, so its 3 steps
     # cross an epoch boundary (a resume must replay the next epoch's shuffle too)
     "pt.epochs=1", "pt.max_steps=3", "pt.save_steps=1", "pt.logging_steps=1", "pt.batch_size=8", "pt.max_length=256",
