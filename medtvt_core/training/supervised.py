@@ -59,14 +59,9 @@ class MedTVTTrainer(Trainer):
 
 
 def trainable_state_names(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters that require grad, one per tensor (tied copies once)."""
-    out: list[str] = []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(name)
-    return out
+    """Names of the parameters that require grad, one per tensor (``named_parameters`` lists a tied
+    tensor once)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
