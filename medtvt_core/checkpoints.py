@@ -79,6 +79,15 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
+def step_checkpoints(out_dir: str | os.PathLike[str] | None, prefix: str = "checkpoint-") -> list[Path]:
+    """The ``<prefix><step>`` folders under ``out_dir``, oldest step first (10 after 9, not after 1)."""
+    if out_dir is None or not Path(out_dir).is_dir():
+        return []
+    found = [(int(p.name[len(prefix):]), p) for p in Path(out_dir).iterdir()
+             if p.is_dir() and p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+    return [p for _, p in sorted(found)]
+
+
 def check_file(path: str | os.PathLike[str], *, what: str = "checkpoint") -> Path:
     """Return ``path`` as a :class:`Path`; raise :class:`CheckpointError` if it is not a file."""
     p = Path(path).expanduser()

@@ -148,6 +148,11 @@ class RunConfig(_Strict):
     rewards: list[RewardRef] = Field(default_factory=lambda: [RewardRef(name="format"), RewardRef(name="jaccard")])
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @property
+    def modality_options_in_use(self) -> dict[str, dict[str, Any]]:
+        """``data.modality_options`` of the modalities this run uses (others are kept for ablations)."""
+        return {m: o for m, o in self.data.modality_options.items() if m in self.modalities}
+
     @field_validator("modalities")
     @classmethod
     def _mods(cls, v: list[str]) -> list[str]:

@@ -44,7 +44,7 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
     part: dict[str, Any] = {
         "seed": cfg.seed,
         "data": {**{k: v for k, v in dump["data"].items() if k not in ("cache_dir", "num_workers", "use_cache")},
-                 "modality_options": {m: o for m, o in dump["data"]["modality_options"].items() if m in cfg.modalities}},
+                 "modality_options": cfg.modality_options_in_use},
         # A synthetic cohort is defined by data.synth (already in "data"), not by where it was written.
         "data_root": str(data_root.resolve()) if cfg.data.root is not None else None,
         "modalities": cfg.modalities,
@@ -147,8 +147,7 @@ class Run:
             self.data_root = Path(cfg.data.root)
         self.timings["data"] = time.perf_counter() - t0
 
-        self.modalities = build_modalities(cfg.modalities, {m: o for m, o in cfg.data.modality_options.items()
-                                                            if m in cfg.modalities}, catalog)
+        self.modalities = build_modalities(cfg.modalities, cfg.modality_options_in_use, catalog)
         tok_dir = self.out / "tokenizer"
         corpus = self._corpus
         seed_everything(cfg.seed)

@@ -859,15 +859,10 @@ class GRPOLoop:
     @staticmethod
     def latest_checkpoint(output_dir: str | os.PathLike[str] | None) -> Path | None:
         """The complete ``checkpoint-<step>`` with the highest step under ``output_dir``, or None."""
-        if output_dir is None or not Path(output_dir).is_dir():
-            return None
-        best: tuple[int, Path] | None = None
-        for p in Path(output_dir).iterdir():
-            tail = p.name[len(_CKPT_PREFIX):]
-            if p.name.startswith(_CKPT_PREFIX) and tail.isdigit() and (p / _STATE_FILE).is_file():
-                if best is None or int(tail) > best[0]:
-                    best = (int(tail), p)
-        return best[1] if best else None
+        from ..checkpoints import step_checkpoints
+
+        return next((p for p in reversed(step_checkpoints(output_dir, _CKPT_PREFIX)) if (p / _STATE_FILE).is_file()),
+                    None)
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Write the resumable state to ``path`` (written to ``path.tmp``, then renamed).

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..checkpoints import step_checkpoints
 from ..config import StageConfig
 from ..errors import CheckpointError
 
@@ -53,21 +54,18 @@ class MedTVTTrainer(Trainer):
         if not os.path.isfile(path):
             raise CheckpointError(f"{resume_from_checkpoint}: no {WEIGHTS}; cannot resume from it")
         got = safetensors.torch.load_file(path, device="cpu")
-        own = dict(model.named_parameters())
-        check_state(got, {k: own[k] for k in trainable_state_names(model)}, path)
+        check_state(got, trainable_parameters(model), path)
         model.load_state_dict(got, strict=False)
 
 
-def trainable_state_names(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters that require grad, one per tensor (``named_parameters`` lists a tied
-    tensor once)."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that require grad, by name (``named_parameters`` lists a tied tensor once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the parameters that require grad (tied copies saved once)."""
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().to("cpu").contiguous().clone() for n in trainable_state_names(model)}
+    """Detached CPU copies of the parameters that require grad."""
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in trainable_parameters(model).items()}
 
 
 class _HistoryCallback(TrainerCallback):
@@ -126,11 +124,7 @@ def last_complete_checkpoint(out_dir: Path) -> str | None:
     leaves a folder without it (or with it cut short).  Such folders are removed, so that the resumed
     run rewrites them whole.
     """
-    if not out_dir.is_dir():
-        return None
-    found = sorted((int(p.name.split("-")[1]), p) for p in out_dir.iterdir()
-                   if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[1].isdigit())
-    for _, p in reversed(found):
+    for p in reversed(step_checkpoints(out_dir)):
         try:
             json.loads((p / TRAINER_STATE).read_text())
             if (p / WEIGHTS).is_file():
