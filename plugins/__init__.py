@@ -6,7 +6,9 @@ path third-party plugins take.  ``BUILTIN_PLUGINS`` lists them (entry-point name
 """
 
 BUILTIN_PLUGINS = (
-    ("modalities", "medtvt_plugins.encoders.modalities"),
+    ("ecg", "medtvt_plugins.readers.ecg"),
+    ("cxr", "medtvt_plugins.readers.cxr"),
+    ("lab", "medtvt_plugins.readers.lab"),
     ("ecgfm-ked", "medtvt_plugins.encoders.ecgfm_ked"),
     ("vit", "medtvt_plugins.encoders.vit"),
     ("symile", "medtvt_plugins.encoders.symile"),

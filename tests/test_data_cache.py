@@ -16,7 +16,7 @@ from medtvt_core.contracts import Encoder, PluginConfig
 from medtvt_core.data import FeatureCache, build_modalities, encode_dataset, open_splits
 from medtvt_core.data.synth import PT_FILES, TEST_FILE, TRAIN_FILE, synthesize
 from medtvt_core.plugins import build_catalog
-from medtvt_plugins.encoders import modalities as builtin
+from medtvt_plugins.readers import cxr as cxr_reader, ecg as ecg_reader, lab as lab_reader
 
 
 class _Cfg(PluginConfig):
@@ -62,7 +62,7 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def catalog():
-    return build_catalog([builtin], autoload=False)
+    return build_catalog([ecg_reader, cxr_reader, lab_reader], autoload=False)
 
 
 def make(root, cache_dir, catalog, *, encoders=None, options=None, names=("ecg", "cxr", "lab")):

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from medtvt_core.data.formats import IMAGENET_MEAN, IMAGENET_STD
 from medtvt_core.errors import DataError
-from medtvt_plugins.encoders.modalities import CxrModality
+from medtvt_plugins.readers.cxr import CxrModality
 
 
 def gradient(w: int, h: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from medtvt_core.data import build_modalities, open_splits, read_manifest
 from medtvt_core.data.synth import PT_FILES, TEST_FILE, TRAIN_FILE, synthesize
 from medtvt_core.errors import ConfigError, DataError
 from medtvt_core.plugins import build_catalog
-from medtvt_plugins.encoders import modalities as builtin
+from medtvt_plugins.readers import cxr as cxr_reader, ecg as ecg_reader, lab as lab_reader
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def catalog():
-    return build_catalog([builtin], autoload=False)
+    return build_catalog([ecg_reader, cxr_reader, lab_reader], autoload=False)
 
 
 def splits(root: Path, names=("ecg", "cxr", "lab"), catalog=None, **kw: Any):
@@ -79,7 +79,7 @@ def test_stats_come_from_the_manifest(cohort, catalog, monkeypatch):
     def no_fit(self, refs, root):
         raise AssertionError("stats must be restored from the manifest, not recomputed")
 
-    monkeypatch.setattr(builtin.LabModality, "fit", no_fit)
+    monkeypatch.setattr(lab_reader.LabModality, "fit", no_fit)
     sp = splits(cohort, catalog=catalog)
     assert sp["train"].modalities["lab"].stats["mean_percentile"] == stored["mean_percentile"]
 
@@ -173,7 +173,7 @@ def _register_ppg(register):
 
 def test_plugin_modality_needs_no_loader_change(cohort, tmp_path):
     plugin = SimpleNamespace(medtvt_register_modalities=_register_ppg, __name__="ppg_plugin")
-    cat = build_catalog([builtin, plugin], autoload=False)
+    cat = build_catalog([ecg_reader, cxr_reader, lab_reader, plugin], autoload=False)
     root = tmp_path / "ppg"
     shutil.copytree(cohort, root)
     np.save(root / "p1.npy", np.arange(100.0))
@@ -190,5 +190,5 @@ def test_plugin_modality_needs_no_loader_change(cohort, tmp_path):
     assert "(cxr not available)" in batch["prompts"][0] and "<ppg>" in batch["prompts"][0]
     # Without the plugin, the unknown field and placeholder are plain data, never an error.
     plain = open_splits(root, modalities=build_modalities(["ecg"], catalog=cat), test_file=TEST_FILE,
-                        known={"ecg": builtin.EcgModality})["test"]
+                        known={"ecg": ecg_reader.EcgModality})["test"]
     assert "<ppg>" in plain[0]["prompt"]

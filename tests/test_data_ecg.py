@@ -12,7 +12,7 @@ from scipy.signal import resample
 
 from medtvt_core.data.formats import MIMIC_IV_ECG_LEADS, PTB_XL_LEADS
 from medtvt_core.errors import DataError
-from medtvt_plugins.encoders.modalities import EcgModality
+from medtvt_plugins.readers.ecg import EcgModality
 
 
 def write(root: Path, name: str, sig: np.ndarray, leads, fs: float = 500) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from medtvt_core.data.formats import SYMILE_LABS
 from medtvt_core.errors import DataError
-from medtvt_plugins.encoders.modalities import LabModality
+from medtvt_plugins.readers.lab import LabModality
 
 LABS = sorted(SYMILE_LABS)
 

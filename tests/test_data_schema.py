@@ -9,7 +9,9 @@ import pytest
 from medtvt_core.data.labels import DISEASES, format_answer, icd10_category, parse_answer, unknown_labels
 from medtvt_core.data.schema import read_qa_file
 from medtvt_core.errors import DataError
-from medtvt_plugins.encoders.modalities import CxrModality, EcgModality, LabModality
+from medtvt_plugins.readers.cxr import CxrModality
+from medtvt_plugins.readers.ecg import EcgModality
+from medtvt_plugins.readers.lab import LabModality
 
 MODS = [EcgModality, CxrModality, LabModality]
 

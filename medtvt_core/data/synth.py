@@ -595,9 +595,6 @@ def synthesize(out: str | Path, *, n_patients: int = 240, seed: int = 0, test_fr
     never holds a half-written cohort.  An existing non-empty ``out`` is replaced only with
     ``overwrite`` and only when it is a medtvt synthetic cohort.
     """
-    from .manifest import prepare_stats
-    from .schema import read_qa_file
-
     if n_patients < 4:
         raise DataError(f"--n-patients {n_patients}: at least 4 patients are needed (train and test splits)")
     if not 0 < test_fraction < 1:
@@ -645,14 +642,8 @@ def synthesize(out: str | Path, *, n_patients: int = 240, seed: int = 0, test_fr
                            "train": {d: sum(d in p.diseases for p in train) for d in DISEASES},
                            "test": {d: sum(d in p.diseases for p in test) for d in DISEASES}},
         })
-        # Lab mean percentiles of the training split, stored with the dataset (key matches prepare_stats).
-        from medtvt_plugins.encoders.modalities import LabModality  # the built-in reader of this format
-
-        lab_fields = [LabModality]
-        train_recs: list[Any] = []
-        for f in (*PT_FILES, TRAIN_FILE):
-            train_recs += read_qa_file(tmp / f, lab_fields, label=f)[0]
-        prepare_stats(tmp, {"lab": LabModality()}, train_recs)
+        # The readers' training statistics (lab mean percentiles) are fitted by prepare_stats when a run
+        # first opens the splits, and stored in this manifest then.
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

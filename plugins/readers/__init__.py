@@ -1,0 +1,1 @@
+"""Built-in modality readers: ``ecg`` (WFDB), ``cxr`` (JPEG/PNG), ``lab`` (Symile-MIMIC CSV)."""
