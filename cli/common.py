@@ -55,11 +55,12 @@ def config_options(f: Any) -> Any:
 
 
 def resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, *, default_preset=None):
-    from medtvt_core.config import resolve_config, validate_plugins
+    from medtvt_core.build import validate_run
+    from medtvt_core.config import resolve_config
 
     if not preset and not config_file:
         preset = default_preset
     cfg = resolve_config(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities,
                          rewards=rewards, stages=stages, output_dir=output_dir, sets=list(sets))
-    validate_plugins(cfg)
+    validate_run(cfg)
     return cfg

@@ -1,10 +1,8 @@
-"""``medtvt run``, ``eval``, ``ablate`` and ``diagnose``."""
+"""``medtvt run``, ``eval``, ``ablate``, ``diagnose`` and ``export``."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import itertools
 import json
 import logging
 import sys
@@ -26,12 +24,29 @@ def _logging(verbose: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
+def _resolver(preset: str | None, config_file: str | None):
+    def resolve(flags: dict[str, Any], sets: list[str], output_dir: str) -> Any:
+        return resolve_from_cli(preset, config_file, flags.get("fusion"), flags.get("modalities"), flags.get("rewards"),
+                                flags.get("stages"), output_dir, sets, default_preset="demo")
+
+    return resolve
+
+
+def _run_sets(random_weights: bool, deterministic: bool) -> list[str]:
+    return (["weights_required=false"] if random_weights else []) + (["deterministic=true"] if deterministic else [])
+
+
 @click.command("run")
 @config_options
+@click.option("--seeds", help="Run once per seed, e.g. 0,1,2 (or 0-2), into <out>/seed-<s>; writes a table with "
+                              "mean, std and 95%% bootstrap intervals.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
+@click.option("--deterministic", is_flag=True, help="Turn on torch's deterministic algorithms (recorded in environment.json).")
+@click.option("--random-weights", is_flag=True, help="Allow random encoder/LLM weights where a preset requires real ones.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
-def run_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, resume, quiet, verbose) -> None:
+def run_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, seeds, resume, deterministic,
+            random_weights, quiet, verbose) -> None:
     """Train PT -> SFT -> RFT and evaluate, from one configuration.
 
     \b
@@ -39,183 +54,188 @@ def run_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir
       medtvt run --preset demo                         # synthetic cohort, tiny models, CPU, minutes
       medtvt run --preset demo --fusion cmha --out runs/cmha
       medtvt run --preset demo --modalities cxr,lab    # ablate the ECG
-      medtvt run --config my.yaml --set rft.num_generations=4
-      accelerate launch --config_file examples/accelerate/ddp.yaml -m medtvt_cli.main run --preset paper ...
+      medtvt run --preset demo --seeds 0,1,2 --out runs/demo3
+      torchrun --nproc_per_node 2 -m medtvt_cli.main run --preset demo --out runs/ddp
 
-    The run directory (--out) receives config.yaml, per-stage checkpoints, metrics.json and report.md.
+    The run directory (--out) receives config.yaml, per-stage models (<stage>/final), metrics.json and report.md.
     """
-    from medtvt_core.orchestrator import Run
+    from medtvt_core.run.orchestrator import Run
 
     _logging(verbose)
+    sets = tuple(_run_sets(random_weights, deterministic)) + tuple(sets)
+    if seeds:
+        from medtvt_core.run.ablation import run_grid
+        from medtvt_core.stats import parse_seeds
+
+        seed_list = parse_seeds(seeds)
+        cfg = resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets,
+                               default_preset="demo")
+        res = run_grid(_resolver(preset, config_file), [], seed_list, Path(cfg.output_dir), sets=list(sets),
+                       flags=dict(fusion=fusion, modalities=modalities, rewards=rewards, stages=stages),
+                       progress=not quiet, echo=click.echo)
+        click.echo(f"wrote {res['md']} and {res['csv']}")
+        return
     cfg = resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, default_preset="demo")
     Run(cfg, resume=resume, progress=not quiet, echo=click.echo).execute()
-
-
-@click.command("eval")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="Run directory.")
-@click.option("--stage", type=click.Choice(["pt", "sft", "rft"]), help="Stage checkpoint to evaluate (default: the last).")
-@click.option("--set", "sets", multiple=True, metavar="eval.KEY=VALUE", help="Evaluation overrides, e.g. eval.limit=20.")
-@click.option("--quiet", is_flag=True)
-def eval_cmd(run_dir: str, stage: str | None, sets: tuple[str, ...], quiet: bool) -> None:
-    """Evaluate a stage of a finished run on its test split (CE + NLG metrics)."""
-    from medtvt_core.config import resolve_config
-    from medtvt_core.orchestrator import FINAL, Run
-
-    _logging(False)
-    bad = [s for s in sets if not s.startswith("eval.")]
-    if bad:
-        raise ConfigError(f"--set {bad[0]}: medtvt eval only takes eval.* overrides")
-    cfg = resolve_config(config_file=Path(run_dir) / "config.yaml", sets=list(sets))
-    stage = stage or cfg.stages[-1]
-    # stdout carries the JSON summary only: what rebuilding the model prints goes to stderr
-    with contextlib.redirect_stdout(sys.stderr):
-        r = Run(cfg, resume=True, progress=not quiet, echo=click.echo)
-        r.setup(check_config=False)
-        final = r._stage_dir(stage) / FINAL
-        if not (final / "config.json").is_file():
-            raise ConfigError(f"stage {stage!r} of {run_dir} has no completed checkpoint ({final})")
-        r.load_stage_result(stage)
-        r.model.configure_trainable(stage)  # sets whether fusion runs (not in PT)
-        res = r.evaluate_stage(stage)
-    path = Path(run_dir) / "metrics.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-    summary.setdefault("stages", {})[stage] = res
-    if "baseline" in res:
-        summary["baseline"] = res["baseline"]
-    path.write_text(json.dumps(summary, indent=2, default=float))
-    ce = res["ce"]
-    click.echo(json.dumps({"stage": stage, "f1": ce["f1"], "precision": ce["precision"], "recall": ce["recall"],
-                           "auc": ce["auc"], "nlg": res["nlg"], "baseline_f1": res.get("baseline", {}).get("f1")},
-                          indent=2, default=float))
-
-
-# ------------------------------------------------------------------------------ ablate
-def _grid(specs: tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    out = []
-    for s in specs:
-        if "=" not in s:
-            raise ConfigError(f"--grid {s!r}: expected AXIS=V1,V2,... with AXIS in fusion, modalities, stages, or any config key")
-        axis, vals = s.split("=", 1)
-        values = [v.strip() for v in vals.split(",") if v.strip()]
-        if not values:
-            raise ConfigError(f"--grid {s!r}: no values")
-        out.append((axis.strip(), values))
-    return out
-
-
-def _variant_name(combo: dict[str, str]) -> str:
-    return "__".join(f"{k.replace('.', '-')}-{v.replace('+', '_')}" for k, v in combo.items())
-
-
-PAPER_TABLES = {"stages": "table1", "fusion": "table3", "modalities": "table3"}
 
 
 @click.command("ablate")
 @config_options
 @click.option("--grid", "grids", multiple=True, required=True, metavar="AXIS=V1,V2",
               help="Axis to vary: fusion=mpl,cmha,cao  modalities=ecg+cxr+lab,cxr+lab  stages=pt+sft+rft,sft+rft  "
-                   "or any config key (rft.beta=0,0.04). Repeat for a product of axes.")
+                   "or any config key (rft.beta=0,0.04). Repeat for a product of axes; the first value is the baseline.")
+@click.option("--seeds", help="Seeds, e.g. 0,1,2 (default: the config's seed only).")
+@click.option("--no-bootstrap", is_flag=True, help="Means and std only (allows fewer than 20 test records).")
+@click.option("--random-weights", is_flag=True, help="Allow random encoder/LLM weights where a preset requires real ones.")
 @click.option("--quiet", is_flag=True)
-def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, grids, quiet) -> None:
-    """Run a grid of variants and write tables shaped like the paper's Table 1 and Table 3.
+def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, grids, seeds, no_bootstrap,
+               random_weights, quiet) -> None:
+    """Run a grid of variants (x seeds) and write tables shaped like the paper's Table 1 and Table 3.
 
-    Stage checkpoints are shared between variants whose earlier stages are identical (e.g. every
-    fusion variant reuses one PT stage). Results: <out>/ablation.md and ablation.csv.
+    Stages are shared between variants whose earlier stages are identical (every fusion variant
+    reuses one PT stage per seed). Results: <out>/ablation.md, ablation.csv and report.md, with the
+    mean and std over seeds, a 95% paired bootstrap interval over test records and a paired test
+    against the first variant.
     """
-    from medtvt_core.orchestrator import Run
+    from medtvt_core.run.ablation import parse_grid, run_grid
+    from medtvt_core.stats import parse_seeds
 
     _logging(False)
-    axes = _grid(grids)
+    axes = parse_grid(grids)
+    seed_list = parse_seeds(seeds) if seeds else None
     out = Path(output_dir or "runs/ablate")
-    # Variants share one synthetic cohort (when data.root is unset) and one stage store.
-    extra_data = [] if any(s.startswith("data.root=") for s in sets) else [f"data.root={out / 'data'}"]
-    rows: list[dict[str, Any]] = []
-    shared_data = False
-    for values in itertools.product(*[v for _, v in axes]):
-        combo = dict(zip([a for a, _ in axes], values))
-        kw: dict[str, Any] = dict(fusion=fusion, modalities=modalities, rewards=rewards, stages=stages)
-        extra = list(sets)
-        for axis, v in combo.items():
-            if axis in ("fusion", "modalities", "stages", "rewards"):
-                kw[axis] = v
-            else:
-                extra.append(f"{axis}={v}")
-        name = _variant_name(combo)
-        if not shared_data:
-            base = resolve_from_cli(preset, config_file, kw["fusion"], kw["modalities"], kw["rewards"], kw["stages"],
-                                    str(out / name), extra, default_preset="demo")
-            if base.data.root is None and extra_data:
-                from medtvt_core.data.synth import ensure_synthetic
-
-                s = base.data.synth
-                ensure_synthetic(out / "data", n_patients=s.n_patients, seed=s.seed, test_fraction=s.test_fraction)
-            else:
-                extra_data = []
-            shared_data = True
-        extra = extra + extra_data
-        cfg = resolve_from_cli(preset, config_file, kw["fusion"], kw["modalities"], kw["rewards"], kw["stages"],
-                               str(out / name), extra, default_preset="demo")
-        click.echo(f"== variant {name}")
-        metrics = Run(cfg, resume=True, stage_store=out / "stages", progress=not quiet, echo=click.echo).execute()
-        last = metrics[cfg.stages[-1]]
-        ce, nlg = last["ce"], last["nlg"]
-        num = lambda v: v if isinstance(v, (int, float)) else None  # noqa: E731  (unavailable -> empty cell)
-        rows.append({**combo, "variant": name, "meteor": num(nlg.get("meteor")), "rouge": num(nlg.get("rouge")),
-                     "bleu": num(nlg.get("bleu")), "precision": ce["precision"], "recall": ce["recall"],
-                     "f1": ce["f1"], "auc": ce["auc"],
-                     **{f"f1/{d}": v["f1"] for d, v in ce.get("per_category", {}).items()}})
-    _write_tables(out, [a for a, _ in axes], rows)
-    click.echo(f"wrote {out / 'ablation.md'} and {out / 'ablation.csv'}")
+    res = run_grid(_resolver(preset, config_file), axes, seed_list, out,
+                   sets=list(_run_sets(random_weights, False)) + list(sets),
+                   flags=dict(fusion=fusion, modalities=modalities, rewards=rewards, stages=stages),
+                   progress=not quiet, echo=click.echo, bootstrap=not no_bootstrap)
+    click.echo(f"wrote {res['md']}, {res['csv']} and {out / 'report.md'}")
 
 
-def _write_tables(out: Path, axes: list[str], rows: list[dict[str, Any]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    cols = list(axes) + ["meteor", "rouge", "bleu", "precision", "recall", "f1", "auc"]
-    cat_cols = sorted({k for r in rows for k in r if k.startswith("f1/")})
-    with (out / "ablation.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols + cat_cols + ["variant"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in cols + cat_cols + ["variant"]})
-    fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["# Ablation", ""]
-    tables = sorted({PAPER_TABLES.get(a, "other") for a in axes})
-    lines.append(f"Shaped like the paper's {', '.join(t.replace('table', 'Table ') for t in tables if t != 'other') or 'tables'}"
-                 " (METEOR / ROUGE-L / recall / F1 on the test split; n/a = metric unavailable offline).")
-    lines += ["", "| " + " | ".join(c.upper() if c in ("meteor", "rouge", "bleu", "auc") else c for c in cols) + " |",
-              "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    if cat_cols:
-        lines += ["", "## F1 per disease", "", "| variant | " + " | ".join(c[3:] for c in cat_cols) + " |",
-                  "|---|" + "---|" * len(cat_cols)]
-        for r in rows:
-            lines.append(f"| {r['variant']} | " + " | ".join(fmt(r.get(c)) for c in cat_cols) + " |")
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+# ------------------------------------------------------------------------------ eval
+@click.command("eval")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), help="Run directory (its test split).")
+@click.option("--stage", type=click.Choice(["pt", "sft", "rft"]), help="Stage of --run (default: the last completed).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True), help="A saved model directory.")
+@click.option("--data", "data_root", type=click.Path(file_okay=False, exists=True), help="Dataset root (with --model).")
+@click.option("--split", default="test", show_default=True, help="Split of --data: its manifest's QA file, or qa/disease_<split>.json.")
+@click.option("--set", "sets", multiple=True, metavar="eval.KEY=VALUE", help="Evaluation overrides, e.g. eval.limit=20.")
+@click.option("--quiet", is_flag=True)
+def eval_cmd(run_dir, stage, model_dir, data_root, split, sets, quiet) -> None:
+    """Evaluate a saved model on a QA split (clinical efficacy, NLG metrics, rewards).
+
+    \b
+      medtvt eval --run runs/demo --stage sft          # the run's test split; updates its metrics.json
+      medtvt eval --model runs/demo/rft/final --data data/synth --split test
+    """
+    from medtvt_core.run.evaluation import evaluate_saved
+
+    _logging(False)
+    bad = [s for s in sets if not s.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: medtvt eval only takes eval.* overrides")
+    if bool(run_dir) == bool(model_dir):
+        raise ConfigError("give exactly one of --run DIR or --model DIR")
+    if model_dir and not data_root:
+        raise ConfigError("--model needs --data ROOT (the dataset to evaluate on)")
+    if run_dir and data_root:
+        raise ConfigError("--data goes with --model; --run evaluates on the run's own test split")
+    # stdout carries the JSON summary only
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = evaluate_saved(run_dir=Path(run_dir) if run_dir else None, stage=stage,
+                                 model_dir=Path(model_dir) if model_dir else None,
+                                 data_root=Path(data_root) if data_root else None, split=split, sets=list(sets),
+                                 progress=not quiet)
+    click.echo(json.dumps(summary, indent=2, default=float))
 
 
 # ------------------------------------------------------------------------------ diagnose
+def _modality_options(f: Any) -> Any:
+    """One option per installed modality (``--ecg``, ``--note``, ...), and its extras (``--lab-id``)."""
+    from medtvt_core.plugins import get_catalog
+
+    cat = get_catalog()
+    for name in reversed(cat.modalities.list()):
+        cls = cat.modalities.get(name)
+        for key, helptext in reversed(list(getattr(cls, "cli_extras", {}).items())):
+            f = click.option(f"--{name}-{key}", f"x_{name}__{key}", help=helptext)(f)
+        f = click.option(f"--{name}", f"m_{name}", help=getattr(cls, "cli_help", "") or f"{name} input file")(f)
+    return f
+
+
 @click.command("diagnose")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="Run directory.")
-@click.option("--stage", type=click.Choice(["pt", "sft", "rft"]), help="Stage checkpoint (default: the last).")
-@click.option("--ecg", type=click.Path(), help="WFDB record path without extension (.hea/.dat beside it).")
-@click.option("--cxr", type=click.Path(dir_okay=False), help="Chest radiograph (JPEG/PNG).")
-@click.option("--lab", type=click.Path(dir_okay=False), help="Symile-format labs CSV.")
-@click.option("--lab-id", help="Row of --lab (its hadm_id); default: the CSV's only row.")
-@click.option("--question", help="Question (default: the run's disease-level question).")
-@click.option("--max-new-tokens", type=int, default=None, help="Default: the run's eval.max_new_tokens.")
-def diagnose_cmd(run_dir, stage, ecg, cxr, lab, lab_id, question, max_new_tokens) -> None:
-    """Print the generated report for one patient; any modality may be absent."""
-    from medtvt_core.diagnose import diagnose
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True), help="A saved model directory.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), help="A run directory.")
+@click.option("--stage", type=click.Choice(["pt", "sft", "rft"]), help="Stage of --run (default: the last completed).")
+@_modality_options
+@click.option("--question", help="Question with the placeholders of the given modalities (default: the model's).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the model's.")
+@click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Sampled reports per condition for the modality attribution (0: no attribution).")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, as_json, **inputs) -> None:
+    """Print the report, the disease set and the modality weights for one patient; any modality may be absent.
+
+    \b
+      medtvt diagnose --run runs/demo --ecg data/.../40000017 --cxr data/.../x.jpg --lab data/labs.csv --lab-id 20000017
+      medtvt diagnose --model exported/ --cxr image.jpg --json
+    """
+    from medtvt_core.run.diagnose import diagnose, load_model_dir, model_dir_of_run
 
     _logging(False)
-    # stdout carries the report only: what rebuilding the model prints (Trainer logs) goes to stderr
+    if bool(run_dir) == bool(model_dir):
+        raise ConfigError("give exactly one of --model DIR or --run DIR")
+    if stage and not run_dir:
+        raise ConfigError("--stage goes with --run")
+    given: dict[str, tuple[str, dict[str, str]]] = {}
+    extras: dict[str, dict[str, str]] = {}
+    for key, value in inputs.items():
+        if value is None:
+            continue
+        if key.startswith("m_"):
+            given[key[2:]] = (value, {})
+        else:
+            m, opt = key[2:].split("__", 1)
+            extras.setdefault(m, {})[opt] = value
+    for m, ex in extras.items():
+        if m not in given:
+            raise ConfigError(f"--{m}-{next(iter(ex))} needs --{m}")
+        given[m] = (given[m][0], ex)
+    path = Path(model_dir) if model_dir else model_dir_of_run(Path(run_dir), stage)
     with contextlib.redirect_stdout(sys.stderr):
-        text, weights = diagnose(Path(run_dir), stage=stage, ecg=ecg, cxr=cxr, lab=lab, lab_id=lab_id,
-                                 question=question, max_new_tokens=max_new_tokens)
-    click.echo(text)
-    if weights:
-        click.echo("modality weights: " + ", ".join(f"{m} {w:.3f}" for m, w in weights.items()), err=True)
+        model, processor = load_model_dir(path)
+        res = diagnose(model, processor, given, question=question, max_new_tokens=max_new_tokens,
+                       attribution=samples > 0, samples=samples)
+    res["model"] = str(path)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(res["report"])
+    click.echo("diseases: " + ("; ".join(res["diseases"]) if res["diseases"] else
+                               "(none)" if res["diseases"] is not None else "(no <answer> block)"))
+    if res["modality_weights"]:
+        click.echo("modality weights (CAO gates): " + ", ".join(f"{m} {w:.3f}" for m, w in res["modality_weights"].items()))
+    att = res.get("attribution")
+    if att and att["p_named_without"]:
+        click.echo(f"attribution ({att['method']}): P(named) with all modalities -> without each")
+        for d, p in att["p_named"].items():
+            click.echo(f"  {d}: {p:.2f} -> " + ", ".join(f"without {m} {att['p_named_without'][m][d]:.2f}"
+                                                        for m in att["p_named_without"]))
 
 
-COMMANDS = [run_cmd, eval_cmd, ablate_cmd, diagnose_cmd]
+# ------------------------------------------------------------------------------ export
+@click.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="Run directory.")
+@click.option("--stage", required=True, type=click.Choice(["pt", "sft", "rft"]), help="Stage to export.")
+@click.option("--out", "out", required=True, type=click.Path(), help="New directory for the model.")
+@click.option("--merge-lora", is_flag=True, help="Fold the LoRA adapter into the LLM weights (peft merge_and_unload).")
+def export_cmd(run_dir, stage, out, merge_lora) -> None:
+    """Write a standalone model directory with a model card (README.md)."""
+    from medtvt_core.run.export import export_model
+
+    _logging(False)
+    with contextlib.redirect_stdout(sys.stderr):
+        path = export_model(Path(run_dir), stage, Path(out), merge_lora=merge_lora)
+    click.echo(f"exported {stage} of {run_dir} to {path}" + (" (LoRA merged)" if merge_lora else ""))
+
+
+COMMANDS = [run_cmd, eval_cmd, ablate_cmd, diagnose_cmd, export_cmd]

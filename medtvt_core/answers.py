@@ -12,10 +12,15 @@ Rules (one place, so a reward and a metric never disagree):
   the same unknown name elsewhere, and counts as a wrong prediction against canonical truth).
 * Everything is linear-time ``str`` work (``find``/``count``/``split``), no regular
   expressions, so a megabyte of model output costs well under a millisecond per scan.
+
+The reference code's own rules (``grpo_train.py`` / ``evaluate.py`` of MedTVT-R1) are kept
+apart, exactly, in :func:`reference_answer`, :func:`reference_labels` and
+:func:`reference_format_ok`: its regexes, first match, exact case-sensitive labels, no cap.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any, Iterable
 
@@ -24,11 +29,13 @@ from .data.labels import DISEASES  # the data layer owns the 7 categories (paper
 __all__ = [
     "DISEASES", "MAX_ANSWER_CHARS", "THINK_OPEN", "THINK_CLOSE", "ANSWER_OPEN", "ANSWER_CLOSE",
     "completion_text", "extract_answer", "parse_diseases", "answer_set", "is_well_formatted",
-    "normalize_name",
+    "normalize_name", "REFERENCE_ANSWER_RE", "REFERENCE_FORMAT_RE", "reference_answer", "reference_labels",
+    "reference_format_ok",
 ]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 #: An ``<answer>`` longer than this is not a disease list: :func:`answer_set` treats it as
 #: invalid (``None``), which bounds the parse cost of runaway completions.
@@ -144,9 +151,11 @@ def answer_set(value: Any, *, bare_ok: bool = False, vocabulary: Iterable[str] =
 
     * ``str`` with tags: the parsed ``<answer>`` content; invalid/missing answer, or one
       longer than :data:`MAX_ANSWER_CHARS`, -> ``None``.
-    * ``str`` without any answer tag: parsed as a bare ``A; B`` list if ``bare_ok`` (labels
-      columns such as TRL's ``solution``), else ``None``.
-    * set/list/tuple of names: normalised like :func:`parse_diseases`.
+    * ``str`` without any of the four tags: parsed as a bare ``A; B`` list if ``bare_ok``
+      (labels columns such as TRL's ``solution``), else ``None``.  A text with a
+      ``<think>`` block but no valid answer is a broken report, never a bare list: ``None``.
+    * set/list/tuple of names: normalised like :func:`parse_diseases`; a list of message
+      dicts is a conversation: its assistant text (:func:`completion_text`).
     * ``None`` -> ``None``.
 
     >>> sorted(answer_set("<answer> Sepsis </answer>"))
@@ -161,12 +170,14 @@ def answer_set(value: Any, *, bare_ok: bool = False, vocabulary: Iterable[str] =
     if isinstance(value, str):
         ans = extract_answer(value)
         if ans is None:
-            if bare_ok and len(value) <= MAX_ANSWER_CHARS and ANSWER_OPEN not in value and ANSWER_CLOSE not in value:
+            if bare_ok and len(value) <= MAX_ANSWER_CHARS and not any(t in value for t in _TAGS):
                 return frozenset(parse_diseases(value, vocabulary))
             return None
         if len(ans) > MAX_ANSWER_CHARS:
             return None
         return frozenset(parse_diseases(ans, vocabulary))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        return answer_set(completion_text(value), bare_ok=bare_ok, vocabulary=vocabulary)  # a conversation
     if isinstance(value, (set, frozenset, list, tuple)):
         canon = _canonical_map(tuple(vocabulary))
         keys = (normalize_name(str(v)) for v in value if v is not None)
@@ -198,3 +209,66 @@ def is_well_formatted(text: Any) -> bool:
     tc = s.find(THINK_CLOSE)
     ao = s.find(ANSWER_OPEN)
     return tc < ao and not s[tc + len(THINK_CLOSE):ao].strip()
+
+
+# ----------------------------------------------------------------------------- the reference's rules
+#: ``grpo_train.py`` / ``evaluate.py``: the first ``<answer>`` block (non-greedy, across lines).
+REFERENCE_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+#: ``grpo_train.py``'s format rule, used with ``fullmatch`` on the left-stripped completion.
+REFERENCE_FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def reference_answer(text: str) -> str | None:
+    """Group 1 of ``REFERENCE_ANSWER_RE.search(text)`` (unstripped), ``None`` without a match.
+
+    Same result as the bare search, in linear time: when no ``</answer>`` follows the first
+    ``<answer>``, no later ``<answer>`` can match either, but the regex engine would retry
+    from each of them and rescan the rest of the text (quadratic on 1 MB of open tags).
+
+    >>> reference_answer("<answer> A </answer><answer> B </answer>")
+    ' A '
+    >>> reference_answer("</answer> x <answer> A") is None
+    True
+    """
+    i = text.find(ANSWER_OPEN)
+    if i < 0 or text.find(ANSWER_CLOSE, i + len(ANSWER_OPEN)) < 0:
+        return None
+    return REFERENCE_ANSWER_RE.search(text, i).group(1)  # matches at i: a close tag follows
+
+
+def reference_labels(text: str) -> set[str] | None:
+    """Label set of the reference: first answer, ``strip``, ``split(";")``, strip, drop empties.
+
+    Labels are compared as exact strings (case, inner spaces and unknown names kept).
+    ``None`` when the text has no ``<answer>...</answer>``.
+
+    >>> sorted(reference_labels("<think>t</think><answer> Sepsis ; sepsis;; </answer>"))
+    ['Sepsis', 'sepsis']
+    >>> reference_labels("Sepsis") is None
+    True
+    """
+    ans = reference_answer(text)
+    if ans is None:
+        return None
+    # = {x.strip() for x in ans.strip().split(";") if x.strip()}: the outer strip only trims
+    # the first and last items, which their own strip trims anyway (one pass, no double strip)
+    labels = set(map(str.strip, ans.split(";")))
+    labels.discard("")
+    return labels
+
+
+def reference_format_ok(text: str) -> bool:
+    """``REFERENCE_FORMAT_RE.fullmatch(text.lstrip())`` matches.
+
+    Anything (tags included) may sit inside the two blocks; only whitespace between them and
+    before the first; nothing, not even a newline, after the last ``</answer>``.  The
+    ``endswith`` test gives the same answer as the regex alone (the pattern ends with that
+    literal) and spares it a rescan of the text from every ``</think>`` when it would fail.
+
+    >>> reference_format_ok(" <think> a </think>\\n<answer> B </answer>")
+    True
+    >>> reference_format_ok("<think> a </think><answer> B </answer>\\n")
+    False
+    """
+    s = text.lstrip()
+    return s.endswith(ANSWER_CLOSE) and REFERENCE_FORMAT_RE.fullmatch(s) is not None

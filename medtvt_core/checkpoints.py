@@ -262,3 +262,23 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike[
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 8 MiB chunks; memoised per (path, size, mtime) in this process."""
+    import hashlib
+
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _HASHES.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        digest = _HASHES[key] = h.hexdigest()
+    return digest

@@ -1,8 +1,8 @@
 """Run configuration: one pydantic :class:`RunConfig`, presets, file loading, overrides.
 
-Only the orchestrator turns these into constructor keyword arguments; plugins never read a
-``RunConfig``.  Plugin options (``encoders.<modality>.options``, ``fusion.options``,
-``llm.options``) are checked against each plugin's own config model by :func:`validate_plugins`.
+Plugins never read a ``RunConfig``: :mod:`medtvt_core.build` turns it into objects, checking
+plugin options (``encoders.<modality>.options``, ``fusion.options``, ``llm.options``,
+``data.modality_options``) against each plugin's own config model.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class SynthConfig(_Strict):
     seed: int = Field(0, description="seed of the synthetic cohort")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of patients in the test split")
 
+    def generator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`medtvt_core.data.synth.ensure_synthetic`."""
+        return self.model_dump()
+
 
 class DataConfig(_Strict):
     root: Path | None = Field(None, description="dataset root; None: synthesise the embedded cohort into <out>/data")
@@ -61,6 +65,21 @@ class ProjectorConfig(_Strict):
     standardize_features: bool = Field(
         False, description="standardise each frozen feature channel with training-split mean/std before the "
                            "pooling head (not in the reference; helps randomly initialised demo encoders)")
+    normalize_input: bool = Field(
+        False, description="L2-normalise each pooled modality feature before its projector (F.normalize), as the "
+                           "reference does for the ECG vector, the CXR token and the lab feature")
+
+
+class PromptConfig(_Strict):
+    format: Literal["chat", "reference"] = Field(
+        "chat", description="reference: BOS + question, then ' ' + answer + answer_end_token (the reference code); "
+                            "chat: the tokenizer's chat template (a plain 'User:/Assistant:' one without a template)")
+    answer_end_token: str | None = Field(
+        None, description="token that ends an answer and generation (None: the tokenizer's EOS; the reference "
+                          "uses <|end_of_text|>)")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="fixed variables for the chat template; LLaMA-3's date_string is "
+                                          "pinned by default, so a prompt never holds today's date")
 
 
 class StageConfig(_Strict):
@@ -72,6 +91,8 @@ class StageConfig(_Strict):
     min_lr: float = Field(1e-6, ge=0, description="final learning rate of the cosine schedule")
     weight_decay: float = Field(0.05, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (the reference: 0.95)")
     max_length: int = Field(600, ge=16, description="max tokens of prompt + answer")
     train_extras: bool = Field(True, description="also train LLM norms, biases and token embeddings (reference)")
     logging_steps: int = Field(5, ge=1)
@@ -88,10 +109,13 @@ class RFTConfig(_Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
     weight_decay: float = Field(0.0, ge=0)
-    beta: float = Field(0.04, ge=0, description="KL coefficient to the frozen SFT reference")
+    beta: float = Field(0.04, ge=0, description="KL coefficient to the frozen SFT reference (TRL 1.16: 0.0)")
     epsilon: float = Field(0.2, gt=0, description="PPO clip range (lower)")
     epsilon_high: float | None = Field(None, description="upper clip range (DAPO); None: epsilon")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description="loss aggregation as in TRL")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="loss aggregation as in TRL (TRL 1.16's default: dapo)")
+    use_bias_correction_kl: bool = Field(
+        True, description="multiply the k3 KL term by the importance ratio, as TRL 1.16 does by default")
     scale_rewards: bool | Literal["group", "batch", "none"] = Field(
         "group", description="advantage scaling as in TRL: group std, batch std or none (True = group)")
     num_iterations: int = Field(1, ge=1, description="optimisation passes per generation batch (mu)")
@@ -147,6 +171,11 @@ class RunConfig(_Strict):
     rft: RFTConfig = Field(default_factory=RFTConfig)
     rewards: list[RewardRef] = Field(default_factory=lambda: [RewardRef(name="format"), RewardRef(name="jaccard")])
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    deterministic: bool = Field(False, description="torch deterministic algorithms (slower; recorded in environment.json)")
+    weights_required: bool = Field(
+        False, description="refuse to start when an encoder or the LLM would get random instead of pretrained "
+                           "weights (the paper preset; --random-weights turns it off)")
 
     @property
     def modality_options_in_use(self) -> dict[str, dict[str, Any]]:
@@ -349,44 +378,6 @@ def resolve_config(
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "config")) from None
-
-
-def validate_plugins(cfg: RunConfig, catalog: Any = None) -> dict[str, BaseModel]:
-    """Check every plugin name exists and its options fit its config model.
-
-    Returns validated option models keyed ``"encoders.<m>"``, ``"fusion"``, ``"llm"``,
-    ``"modalities.<m>"``.
-    """
-    from .plugins import get_catalog
-
-    catalog = catalog or get_catalog()
-    out: dict[str, BaseModel] = {}
-
-    def check(where: str, registry: Any, name: str, options: dict[str, Any]) -> None:
-        spec = registry.spec(name)  # raises UnknownPluginError with the available names
-        model = spec.config or getattr(spec.obj, "config_class", None)
-        if model is None:
-            if options:
-                raise ConfigError(f"{where}.options: plugin {name!r} takes no options, got {sorted(options)}")
-            return
-        try:
-            out[where] = model.model_validate(options)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, f"{where}.options ({name})")) from None
-
-    for m in dict.fromkeys([*cfg.modalities, *cfg.data.modality_options]):
-        check(f"modalities.{m}", catalog.modalities, m, cfg.data.modality_options.get(m, {}))
-    for m in cfg.modalities:
-        ref = cfg.encoders[m]
-        check(f"encoders.{m}", catalog.encoders, ref.name, ref.options)
-        enc_mod = getattr(catalog.encoders.get(ref.name), "modality", m)
-        if enc_mod != m:
-            raise ConfigError(f"encoders.{m}: encoder {ref.name!r} reads modality {enc_mod!r}, not {m!r}")
-    check("fusion", catalog.fusion, cfg.fusion.name, cfg.fusion.options)
-    check("llm", catalog.llms, cfg.llm.name, cfg.llm.options)
-    for r in cfg.rewards:
-        catalog.rewards.spec(r.name)
-    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

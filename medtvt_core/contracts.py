@@ -10,8 +10,9 @@ Shapes use ``B`` batch, ``M`` modalities, ``N`` frozen feature steps, ``C`` feat
 * :class:`Fusion` maps tokens ``[B, M, K, D]`` + mask ``[B, M]`` to tokens of the same shape
   and per-sample modality weights ``[B, M]`` (``None`` when it does not weigh modalities).
 * Reward: ``f(prompts, completions, **kwargs) -> list[float | None]`` (TRL's contract).
-* :class:`LLMBackbone` builds a peft-wrapped causal LM and its tokenizer with the modality
-  placeholders added as special tokens.
+* :class:`LLMBackbone` gives the tokenizer (with the modality placeholders added as special
+  tokens by the core), the causal LM's config for that vocabulary, and the LM itself with a LoRA
+  adapter; weights come from the plugin's own source (a local checkpoint) or a seeded random init.
 """
 
 from __future__ import annotations
@@ -33,19 +34,6 @@ class PluginConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @classmethod
-    def checked(cls, where: str, **values: Any) -> "PluginConfig":
-        """Validate ``values``; a bad one is a one-line :class:`ConfigError` naming ``where``."""
-        from pydantic import ValidationError
-
-        from .config import format_validation_error
-        from .errors import ConfigError
-
-        try:
-            return cls.model_validate(values)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, where)) from None
-
 
 # --------------------------------------------------------------------------- modalities
 class Modality(ABC):
@@ -61,11 +49,28 @@ class Modality(ABC):
     placeholder: ClassVar[str]
     record_field: ClassVar[str]
     config_class: ClassVar[type[PluginConfig]]
+    #: Help of the ``medtvt diagnose --<name>`` option (the value is a file path by default).
+    cli_help: ClassVar[str] = ""
+    #: Extra ``medtvt diagnose --<name>-<key>`` options: key -> help (e.g. the row id of a table).
+    cli_extras: ClassVar[dict[str, str]] = {}
+    config: PluginConfig
 
     @property
     @abstractmethod
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one preprocessed sample (float32)."""
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        """Statistics restored by :meth:`set_stats` (None when the reader needs none or has none yet)."""
+        return None
+
+    def for_input(self, value: str, extras: dict[str, str]) -> tuple["Modality", Path, str]:
+        """``(reader, root, reference)`` that :meth:`load` reads a user-given input with (``medtvt
+        diagnose``).  Default: ``value`` is a file path (absolute, so any ``data_dir`` is ignored)."""
+        if extras:
+            raise ValueError(f"{self.name}: takes no extra options, got {sorted(extras)}")
+        return self, Path("/"), str(Path(value).expanduser().resolve())
 
     def fit(self, refs: Sequence[str], root: Path) -> dict[str, Any]:
         """Compute statistics from the training split once; return them (JSON-able)."""
@@ -120,6 +125,15 @@ class Encoder(nn.Module, ABC):
     feature_shape: tuple[int, int]
     pooled_dim: int
     num_tokens: int
+
+    def weight_files(self) -> list[Path]:
+        """Files the frozen backbone's weights were read from; ``[]`` when they are a random init.
+
+        A saved model references these files (path + SHA-256) instead of copying the backbone, and
+        stores the backbone itself when the list is empty.  Default: the ``weights`` option.
+        """
+        w = getattr(getattr(self, "config", None), "weights", None)
+        return [Path(w).expanduser()] if w not in (None, "") else []
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +219,21 @@ class Fusion(nn.Module, ABC):
         """
 
 
+class IdentityFusion(Fusion):
+    """No fusion: tokens unchanged except that masked modalities are zero; weights ``None``.
+
+    The PT stage (which has no MPL) and the ``none`` fusion plugin both use this class.
+    """
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
+        if tokens.dim() != 4 or tuple(mask.shape) != (tokens.shape[0], tokens.shape[1]):
+            raise ValueError(f"IdentityFusion: tokens [B, M, K, D] and mask [B, M], got {tuple(tokens.shape)} "
+                             f"and {tuple(mask.shape)}")
+        # where, not multiply: NaN/inf in a masked modality's tokens must not leak (NaN * 0 = NaN).
+        keep = mask.to(device=tokens.device, dtype=torch.bool)[:, :, None, None]
+        return FusionOutput(tokens=torch.where(keep, tokens, tokens.new_zeros(())), weights=None)
+
+
 # --------------------------------------------------------------------------- rewards
 @runtime_checkable
 class RewardFunction(Protocol):
@@ -214,19 +243,13 @@ class RewardFunction(Protocol):
 
 
 # --------------------------------------------------------------------------- LLMs
-@dataclass
-class LoadedLLM:
-    model: nn.Module  # peft-wrapped causal LM
-    tokenizer: Any  # transformers PreTrainedTokenizerFast
-    placeholder_ids: dict[str, int]  # placeholder text -> token id
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().embedding_dim)
-
-
 class LLMBackbone(ABC):
-    """Factory of a causal LM with LoRA. ``__init__(**config)``."""
+    """Factory of a causal LM with a LoRA adapter. ``__init__(**config)``.
+
+    A new model is made in three calls: :meth:`load_tokenizer`, then (after the core added the
+    placeholders to the tokenizer) :meth:`text_config` for that vocabulary, then :meth:`build_model`.
+    Loading a saved model calls :meth:`build_model` only, with the saved ``text_config``.
+    """
 
     config_class: ClassVar[type[PluginConfig]]
 
@@ -235,10 +258,30 @@ class LLMBackbone(ABC):
     def hidden_size(self) -> int: ...
 
     @abstractmethod
-    def build(self, placeholders: Sequence[str], *, corpus: Callable[[], Sequence[str]] | None = None,
-              tokenizer_dir: Path | None = None) -> LoadedLLM:
-        """Load or create model and tokenizer; add ``placeholders`` as special tokens; wrap in LoRA.
+    def load_tokenizer(self, corpus: Callable[[], Sequence[str]] | None = None) -> Any:
+        """The tokenizer of the LM's source, or one trained on ``corpus()`` when the source has none."""
 
-        ``corpus``: texts to train a tokenizer on when the backbone has none of its own.
-        ``tokenizer_dir``: a saved tokenizer to reuse (a resumed or reloaded run).
-        """
+    @abstractmethod
+    def text_config(self, tokenizer: Any) -> Any:
+        """The LM's ``PretrainedConfig`` for ``tokenizer`` (vocabulary size, special token ids)."""
+
+    @abstractmethod
+    def build_model(self, text_config: Any, *, adapter: bool = True) -> nn.Module:
+        """The causal LM for ``text_config``, weights from the plugin's source (or a seeded random
+        init), embeddings sized to its vocabulary, wrapped in a peft LoRA adapter when ``adapter``."""
+
+    def weight_files(self) -> list[Path]:
+        """Files the base weights are read from; ``[]`` when they are a random init (then a saved
+        model stores them)."""
+        return []
+
+    def prepare_base(self, model: nn.Module, tokenizer: Any, corpus: Callable[[], Sequence[str]] | None) -> None:
+        """Optional one-time preparation of a new model's base before any stage (e.g. a demo's
+        language-model pretraining of a random base). Never called when a saved model is loaded."""
+
+    def extra_parameter_names(self, model: nn.Module) -> list[str]:
+        """Names of the LM's norms, biases and input embeddings (trained with ``train_extras``)."""
+        from .errors import ConfigError
+
+        raise ConfigError(f"LLM plugin {type(self).__name__} does not say which norms/biases/embeddings to train; "
+                          f"set pt.train_extras and sft.train_extras to false")

@@ -104,17 +104,17 @@ def test_cli_config_show_applies_overrides():
 def test_reader_options_of_a_left_out_modality_are_kept_and_checked():
     """The demo preset sets CXR reader options; an ablation without the CXR must still resolve (as
     `encoders.cxr` does), and those options are still validated against the CXR reader."""
-    from medtvt_core.config import validate_plugins
+    from medtvt_core.build import validate_run
 
     cfg = resolve_config(preset="demo", modalities="ecg,lab")
     assert "cxr" in cfg.data.modality_options
-    assert "modalities.cxr" in validate_plugins(cfg)
+    validate_run(cfg)
     bad = resolve_config(preset="demo", modalities="ecg,lab", sets=["data.modality_options.cxr.train_crop=diagonal"])
-    with pytest.raises(ConfigError, match=r"modalities.cxr.options \(cxr\).*train_crop"):
-        validate_plugins(bad)
+    with pytest.raises(ConfigError, match=r"data.modality_options.cxr.options \(cxr\).*train_crop"):
+        validate_run(bad)
     typo = resolve_config(preset="demo", sets=["data.modality_options={xray: {}}"])
     with pytest.raises(Exception, match="'xray'"):
-        validate_plugins(typo)
+        validate_run(typo)
 
 
 def test_on_bad_sample_flag_is_the_config_field_and_set_wins():

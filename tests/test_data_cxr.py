@@ -86,3 +86,73 @@ def test_config_is_checked():
     with pytest.raises(ValidationError):
         CxrModality(unknown=1)
     assert CxrModality(resize=256, crop=192).sample_shape == (3, 192, 192)
+
+
+# ---------------------------------------------------------------- oracle: the reference's torchvision v1 pipeline
+def reference(path, resize: int = 400, crop: int = 224) -> torch.Tensor:
+    """The reference-style pipeline: v1 transforms on ``convert("RGB")`` (PIL bilinear with antialias)."""
+    from torchvision import transforms as T
+
+    t = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with Image.open(path) as im:
+        return t(im.convert("RGB"))
+
+
+def textured(w: int, h: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradient plus fine noise: resampling and crop offsets both show in the values."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 100 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0)
+    img = base[..., None] + rng.normal(0, 25, (h, w, channels)) + 30 * np.arange(channels)
+    return np.clip(img, 0, 255).astype(np.uint8).squeeze()
+
+
+# Only float rounding may differ: the same PIL bilinear resize (antialiased) and the same crop box.
+ORACLE_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("name,make", [
+    ("big_grey.jpg", lambda p: Image.fromarray(textured(2544, 3056, 1), mode="L").save(p, quality=92)),
+    ("wide_rgb.png", lambda p: Image.fromarray(textured(641, 479, 3), mode="RGB").save(p)),
+    ("tall_palette.png", lambda p: Image.fromarray(textured(450, 733, 3), mode="RGB").quantize(64).save(p)),
+    ("rgba.png", lambda p: Image.fromarray(np.dstack([textured(500, 420, 3), textured(500, 420, 1)]), mode="RGBA").save(p)),
+])
+def test_matches_torchvision_v1_reference(tmp_path, name, make):
+    make(tmp_path / name)
+    want = reference(tmp_path / name)
+    got = CxrModality().load(name, root=tmp_path)
+    assert got.shape == want.shape == (3, 224, 224) and got.dtype == torch.float32 and type(got) is torch.Tensor
+    assert (got - want).abs().max().item() <= ORACLE_ATOL
+
+
+def test_other_sizes_match_the_reference(tmp_path):
+    Image.fromarray(textured(3056, 2544, 3), mode="RGB").save(tmp_path / "landscape.jpg", quality=90)
+    want = reference(tmp_path / "landscape.jpg", resize=256, crop=192)
+    got = CxrModality(resize=256, crop=192).load("landscape.jpg", root=tmp_path)
+    assert (got - want).abs().max().item() <= ORACLE_ATOL
+
+
+def test_random_crop_reproducible_per_seed_and_leaves_global_rng(tmp_path):
+    Image.fromarray(textured(640, 800, 1), mode="L").save(tmp_path / "r.png")
+    mod = CxrModality()
+    state = torch.get_rng_state()
+    crops = [mod.load("r.png", root=tmp_path, train=True, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    again = mod.load("r.png", root=tmp_path, train=True, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is forked, not advanced
+    assert torch.equal(again, crops[2])
+    assert all(not torch.equal(crops[i], crops[j]) for i in range(4) for j in range(i + 1, 4))
+    # Each crop is a 224 x 224 window of the reference-resized image (found by its top-left 4 x 4 patch).
+    from torchvision import transforms as T
+
+    with Image.open(tmp_path / "r.png") as im:
+        full = T.Compose([T.Resize(400), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(im.convert("RGB"))
+    windows = full[0].unfold(0, 4, 1).unfold(1, 4, 1)  # [H-3, W-3, 4, 4]
+    for c in crops:
+        hits = ((windows - c[0, :4, :4]).abs().amax(dim=(2, 3)) <= ORACLE_ATOL).nonzero().tolist()
+        assert any((full[:, t:t + 224, l:l + 224] - c).abs().max() <= ORACLE_ATOL for t, l in hits)
+
+
+def test_unsupported_mode_is_named(tmp_path):
+    Image.fromarray(np.zeros((300, 300), dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"f\.tif: unsupported image mode 'F'; allowed: grey \(8/16-bit\) or colour"):
+        CxrModality().load("f.tif", root=tmp_path)

@@ -134,7 +134,7 @@ def test_on_bad_sample_fail_raises_one_line(broken, catalog):
 
 
 def test_bad_modality_options_are_config_errors(catalog):
-    with pytest.raises(ConfigError, match=r"data.modality_options.ecg: nan_policy"):
+    with pytest.raises(ConfigError, match=r"data.modality_options.ecg.options \(ecg\): nan_policy"):
         build_modalities(["ecg"], {"ecg": {"nan_policy": "ignore"}}, catalog)
     with pytest.raises(ConfigError, match="options for cxr but the modalities in use are ecg"):
         build_modalities(["ecg"], {"cxr": {}}, catalog)

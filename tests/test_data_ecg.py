@@ -134,3 +134,21 @@ def test_missing_files_and_bad_config(tmp_path):
     with pytest.raises(ValidationError):
         EcgModality(nan_policy="ignore")
     assert EcgModality(target_fs=50, duration_s=5).sample_shape == (12, 250)
+
+
+def test_duplicate_lead_names_matter_only_when_configured(tmp_path):
+    leads = ["I", "II", "X", "x"]
+    ref = write(tmp_path, "dup", signal(leads), leads)
+    assert EcgModality(leads=("II", "I")).load(ref, root=tmp_path).shape == (2, 1000)
+    with pytest.raises(DataError, match=r"lead\(s\) X appear more than once in the header"):
+        EcgModality(leads=("I", "X")).load(ref, root=tmp_path)
+
+
+def test_unparseable_header_is_one_line(tmp_path):
+    ref = write(tmp_path, "bad", signal(MIMIC_IV_ECG_LEADS), MIMIC_IV_ECG_LEADS)
+    (tmp_path / "bad.hea").write_text("bad twelve 500 5000\n")
+    mod = EcgModality()
+    assert mod.files_of(ref, root=tmp_path) == [tmp_path / "bad.hea"]  # hashed as is; load says what is wrong
+    with pytest.raises(DataError, match=r"bad\.hea \(HeaderSyntaxError: .*\); allowed: a header wfdb\.rdheader reads") as err:
+        mod.load(ref, root=tmp_path)
+    assert "\n" not in str(err.value)

@@ -163,9 +163,13 @@ def test_missing_weights_file(tmp_path):
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match="num_tokens"):
-        EcgfmKedEncoder(variant="tiny", num_tokens=0)
-    with pytest.raises(ConfigError, match="variant"):
+    from pydantic import ValidationError
+
+    from medtvt_core.build import validated_options
+
+    with pytest.raises(ConfigError, match=r"encoders.ecg.options \(ecgfm-ked\): num_tokens"):
+        validated_options("encoders", "ecgfm-ked", {"variant": "tiny", "num_tokens": 0}, "encoders.ecg")
+    with pytest.raises(ValidationError, match="variant"):
         EcgfmKedEncoder(variant="huge")
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from medtvt_core.checkpoints import save_safetensors
-from medtvt_core.errors import CheckpointError, ConfigError
+from medtvt_core.errors import CheckpointError
 from medtvt_plugins.encoders.symile import SymileEncoder
 
 X = torch.rand(3, 100, generator=torch.Generator().manual_seed(0))
@@ -107,5 +107,7 @@ def test_plain_state_dict_without_prefix(tmp_path):
 
 
 def test_one_token_only():
-    with pytest.raises(ConfigError, match="num_tokens must be 1, got 2"):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="num_tokens must be 1, got 2"):
         SymileEncoder(variant="tiny", num_tokens=2)

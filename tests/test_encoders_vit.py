@@ -142,7 +142,11 @@ def test_backbone_frozen_head_trains():
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match="num_tokens"):
-        VitEncoder(variant="tiny", num_tokens=198)
-    with pytest.raises(ConfigError, match="variant"):
+    from pydantic import ValidationError
+
+    from medtvt_core.build import validated_options
+
+    with pytest.raises(ConfigError, match=r"encoders.cxr.options \(vit\): num_tokens"):
+        validated_options("encoders", "vit", {"variant": "tiny", "num_tokens": 198}, "encoders.cxr")
+    with pytest.raises(ValidationError, match="variant"):
         VitEncoder(variant="large")

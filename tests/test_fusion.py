@@ -417,9 +417,13 @@ def test_heads_must_divide_dim():
 
 
 def test_bad_options_are_config_errors(catalog):
-    with pytest.raises(ConfigError, match="style"):
-        MPLFusion(D, 3, style="nope")
-    with pytest.raises(ConfigError, match="dropout"):
+    from pydantic import ValidationError
+
+    from medtvt_core.build import validated_options
+
+    with pytest.raises(ConfigError, match=r"fusion.options \(mpl\): style"):
+        validated_options("fusion", "mpl", {"style": "nope"}, "fusion", catalog)
+    with pytest.raises(ValidationError, match="dropout"):
         MPLFusion(D, 3, dropout=1.5)
     with pytest.raises(ConfigError, match="num_modalities"):
         MPLFusion(D, 0)

@@ -356,7 +356,8 @@ _CORPUS = ["<think> irregular rhythm, raised creatinine </think><answer> Atrial 
 
 def test_loop_drives_the_multimodal_model(tmp_path):
     """GRPOLoop + MedTVTPolicy on a tiny MedTVTModel (installed plugins, tiny variants), TRL-style rewards."""
-    from medtvt_core.modeling import MedTVTConfig, MedTVTModel
+    from helpers import make_model
+    from medtvt_core.model.stages import configure_trainable
     from medtvt_core.plugins import get_catalog
     from medtvt_core.training.grpo import MedTVTPolicy
 
@@ -366,13 +367,9 @@ def test_loop_drives_the_multimodal_model(tmp_path):
     missing = [f"{k}:{n}" for k, names in need.items() for n in names if n not in cat[k]]
     assert not missing, f"built-in plugins missing (reinstall the package): {', '.join(missing)}"
     names = {"ecg": "ecgfm-ked", "cxr": "vit", "lab": "symile"}
-    cfg = MedTVTConfig.model_validate(dict(
-        modalities=list(names), encoders={m: {"name": n, "options": {"variant": "tiny"}} for m, n in names.items()},
-        projector={"tokens_per_modality": 1, "blocks": 1}, fusion={"name": "mpl", "options": {"num_heads": 2}},
-        llm={"name": "llama-lora", "options": {"variant": "tiny", "tokenizer_vocab_size": 400}}))
-    torch.manual_seed(0)
-    model = MedTVTModel.from_config(cfg, cat, corpus=lambda: _CORPUS, tokenizer_dir=tmp_path / "tok")
-    model.configure_trainable("rft")
+    model, proc = make_model(list(names), {m: {"name": n, "options": {"variant": "tiny"}} for m, n in names.items()},
+                             cat)
+    configure_trainable(model, "rft")
     g = torch.Generator().manual_seed(0)
     shapes = {m: model.encoders[m].input_shape for m in names}
     present = [(True, True, True), (False, True, True), (True, False, True), (True, True, False)]
@@ -390,7 +387,7 @@ def test_loop_drives_the_multimodal_model(tmp_path):
         return {"ids": [r["id"] for r in recs], "prompts": [r["prompt"] for r in recs], "modality_mask": mask,
                 "modality_inputs": inputs}
 
-    policy = MedTVTPolicy(model, max_prompt_length=64)
+    policy = MedTVTPolicy(model, proc, max_prompt_length=64)
     loop = GRPOLoop(policy, [cat.rewards.get("format"), cat.rewards.get("jaccard")], records,
                     _rft(max_steps=2, num_iterations=1, grad_accum=1, max_completion_length=6), collate_fn=collate,
                     reward_names=["format", "jaccard"], seed=0)

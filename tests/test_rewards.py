@@ -1,9 +1,13 @@
-"""Rewards: answer parsing, the four built-ins on edge cases, speed, and TRL interoperability."""
+"""Rewards: answer parsing, the built-ins on edge cases, 1 MB inputs, and TRL interoperability.
+
+The reference-exact ``format`` / ``jaccard`` are checked against a restatement of the
+reference's rule in tests/test_reference_protocol.py; here: the normalised variants.
+Timings live in benchmarks/rewards.py (no timed assertions on a shared machine).
+"""
 
 from __future__ import annotations
 
 import doctest
-import time
 import types
 
 import pytest
@@ -14,7 +18,7 @@ from medtvt_core import hookimpl
 from medtvt_core.answers import DISEASES, answer_set, extract_answer, is_well_formatted, parse_diseases
 from medtvt_core.errors import ConfigError
 from medtvt_plugins.rewards.builtin import (
-    REWARDS, exact_set_reward, format_reward, jaccard_reward,
+    REWARDS, exact_set_reward, format_reward, format_strict_reward, jaccard_normalized_reward, jaccard_reward,
 )
 
 MB = 1 << 20
@@ -86,15 +90,15 @@ def test_answer_set_forms():
     ("", False),
     ("no tags at all", False),
 ])
-def test_format_cases(text, ok):
-    assert format_reward(prompts=["q"], completions=[text]) == [1.0 if ok else 0.0]
+def test_format_strict_cases(text, ok):
+    assert format_strict_reward(prompts=["q"], completions=[text]) == [1.0 if ok else 0.0]
     assert is_well_formatted(text) is ok
 
 
 # ----------------------------------------------------------------------------- label rewards
 def _all(completion, truth):
     kw = dict(prompts=["q"], completions=[completion], solution=[truth])
-    return tuple(REWARDS[n](**kw)[0] for n in ("jaccard", "exact_set", "disease_f1"))
+    return tuple(REWARDS[n](**kw)[0] for n in ("jaccard-normalized", "exact_set", "disease_f1"))
 
 
 @pytest.mark.parametrize("completion, truth, expected", [
@@ -124,6 +128,8 @@ def _all(completion, truth):
     # ground truth as a bare list or a list of names
     ("<answer> Sepsis </answer>", "Sepsis; Pneumonia", (0.5, 0.0, 2 / 3)),
     ("<answer> Sepsis </answer>", ["sepsis"], (1.0, 1.0, 1.0)),
+    # a report with a <think> block but no answer is not a bare list
+    ("<answer> Sepsis </answer>", "<think> r </think> Sepsis", (None, None, None)),
     # unusable ground truth -> None (TRL: not scored)
     ("<answer> Sepsis </answer>", None, (None, None, None)),
     ("<answer> Sepsis </answer>", "<answer> a </answer><answer> b </answer>", (None, None, None)),
@@ -141,65 +147,75 @@ def test_conversational_completions():
                                                {"type": "text", "text": "<answer>Pneumonia</answer>"}]}],
             []]
     truth = ["<answer> Pneumonia </answer>"] * 4
-    assert format_reward(prompts=["q"] * 4, completions=conv) == [1.0, 0.0, 1.0, 0.0]
-    assert jaccard_reward(prompts=["q"] * 4, completions=conv, solution=truth) == [0.5, 0.0, 1.0, 0.0]
+    for fmt in (format_reward, format_strict_reward):
+        assert fmt(prompts=["q"] * 4, completions=conv) == [1.0, 0.0, 1.0, 0.0]
+    for jac in (jaccard_reward, jaccard_normalized_reward):
+        assert jac(prompts=["q"] * 4, completions=conv, solution=truth) == [0.5, 0.0, 1.0, 0.0]
+        assert jac(prompts=["q"], completions=conv[:1], answer=[[{"role": "assistant", "content": truth[0]}]]) == [0.5]
 
 
 def test_label_column_names():
     c = ["<answer> Sepsis </answer>"]
-    assert jaccard_reward(prompts=["q"], completions=c, answer=["<answer> Sepsis </answer>"]) == [1.0]
-    # `solution` (TRL's name) wins over `answer`
-    assert jaccard_reward(prompts=["q"], completions=c, solution=["Sepsis"], answer=["Pneumonia"]) == [1.0]
-    with pytest.raises(ConfigError, match="'solution' or 'answer'"):
-        jaccard_reward(prompts=["q"], completions=c, labels=[["Sepsis"]])
+    for jac in (jaccard_reward, jaccard_normalized_reward):
+        assert jac(prompts=["q"], completions=c, answer=["<answer> Sepsis </answer>"]) == [1.0]
+        # `solution` (TRL's name) wins over `answer`
+        assert jac(prompts=["q"], completions=c, solution=["<answer> Sepsis </answer>"],
+                   answer=["<answer> Pneumonia </answer>"]) == [1.0]
+        with pytest.raises(ConfigError, match="'solution' or 'answer'"):
+            jac(prompts=["q"], completions=c, labels=[["Sepsis"]])
     with pytest.raises(ConfigError, match="2 entries for 1 completions"):
         exact_set_reward(prompts=["q"], completions=c, solution=["Sepsis", "Sepsis"])
+    with pytest.raises(ConfigError, match="jaccard-normalized"):
+        jaccard_reward(prompts=["q"], completions=c, solution=[["Sepsis"]])
+
+
+def test_untagged_ground_truth_by_column():
+    """A bare list is a label column's form (`solution`); the dataset's `answer` text must hold the block."""
+    c = ["<answer> Sepsis </answer>"]
+    assert jaccard_normalized_reward(completions=c, solution=["Sepsis"]) == [1.0]
+    assert jaccard_normalized_reward(completions=c, answer=["Sepsis"]) == [None]
+    assert exact_set_reward(completions=c, answer=["The patient has Sepsis"]) == [None]
+    # the reference's rule: no block in the ground truth -> 0.0, whatever the column
+    assert jaccard_reward(completions=c, solution=["Sepsis"]) == jaccard_reward(completions=c, answer=["Sepsis"]) == [0.0]
 
 
 def test_accepts_trl_extra_kwargs():
     kw = dict(prompts=["q"], completions=[GOOD], solution=["<answer> Pneumonia </answer>"], completion_ids=[[1, 2]],
               trainer_state=object(), log_extra=lambda *a: None, log_metric=lambda *a: None, other_column=["x"])
-    assert [REWARDS[n](**kw)[0] for n in REWARDS] == pytest.approx([1.0, 0.5, 0.0, 2 / 3])
+    got = {n: REWARDS[n](**kw)[0] for n in REWARDS}
+    assert got == pytest.approx({"format": 1.0, "jaccard": 0.5, "format-strict": 1.0, "jaccard-normalized": 0.5,
+                                 "exact_set": 0.0, "disease_f1": 2 / 3})
 
 
 def test_empty_batch():
     assert all(REWARDS[n](prompts=[], completions=[], solution=[]) == [] for n in REWARDS)
 
 
-# ----------------------------------------------------------------------------- big inputs and speed
+# ----------------------------------------------------------------------------- big inputs
+NAMES = ("format", "jaccard", "format-strict", "jaccard-normalized", "exact_set", "disease_f1")
+# expected values in NAMES order; ground truth "<answer> Sepsis </answer>"
 BIG = {
-    "no tags": ("x" * MB, (0.0, 0.0, 0.0, 0.0)),
-    "1 MB reasoning": (f"<think> {'y' * MB} </think><answer> Sepsis </answer>", (1.0, 1.0, 1.0, 1.0)),
-    "1 MB answer": (f"<think> t </think><answer> {'Sepsis; ' * (MB // 8)} </answer>", (1.0, 0.0, 0.0, 0.0)),
-    "answer tags x 40k": ("<answer> Sepsis </answer>" * (MB // 25), (0.0, 0.0, 0.0, 0.0)),
-    "1 MB then answer": ("z" * MB + "<think> t </think><answer> Sepsis </answer>", (0.0, 1.0, 1.0, 1.0)),
-    "open tags only": ("<answer>" * (MB // 8), (0.0, 0.0, 0.0, 0.0)),
-    "lt signs": ("<" * MB, (0.0, 0.0, 0.0, 0.0)),
+    "no tags": ("x" * MB, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)),
+    "1 MB reasoning": (f"<think> {'y' * MB} </think><answer> Sepsis </answer>", (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)),
+    # the reference has no cap: the 131,072 equal labels collapse to {Sepsis}
+    "1 MB answer": (f"<think> t </think><answer> {'Sepsis; ' * (MB // 8)} </answer>", (1.0, 1.0, 1.0, 0.0, 0.0, 0.0)),
+    # the reference reads the first block; the normalised rules refuse several
+    "answer tags x 40k": ("<answer> Sepsis </answer>" * (MB // 25), (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)),
+    "1 MB then answer": ("z" * MB + "<think> t </think><answer> Sepsis </answer>", (0.0, 1.0, 0.0, 1.0, 1.0, 1.0)),
+    "open tags only": ("<answer>" * (MB // 8), (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)),
+    "think closes, no final tag": ("<think>" + "</think><answer> Sepsis </answer> x" * (MB // 36),
+                                   (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)),
+    "lt signs": ("<" * MB, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)),
 }
 
 
 @pytest.mark.parametrize("case", list(BIG))
 def test_megabyte_completions(case):
+    # Values only; the regex-worst cases (open tags only, think closes without a final tag)
+    # would take minutes with the bare reference regex, so finishing at all is the check.
     text, expected = BIG[case]
-    t0 = time.perf_counter()
-    got = [REWARDS[n](prompts=["q"], completions=[text], solution=["<answer> Sepsis </answer>"])[0] for n in REWARDS]
-    dt = time.perf_counter() - t0
-    assert got == list(expected)
-    assert dt < 0.5, f"4 rewards on 1 MB ({case}) took {dt:.3f}s"  # linear scans: a few ms each
-
-
-def test_normal_completion_well_under_a_millisecond():
-    kw = dict(prompts=["q"], completions=[GOOD], solution=["<answer> Atrial Fibrillation; Sepsis </answer>"])
-    for name, fn in REWARDS.items():
-        best = min(_timed(fn, kw, 200) for _ in range(3))
-        assert best < 1e-3, f"{name}: {best * 1e6:.0f} us per completion"
-
-
-def _timed(fn, kw, n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn(**kw)
-    return (time.perf_counter() - t0) / n
+    got = tuple(REWARDS[n](prompts=["q"], completions=[text], solution=["<answer> Sepsis </answer>"])[0] for n in NAMES)
+    assert got == expected
 
 
 # ----------------------------------------------------------------------------- registry and TRL
@@ -233,14 +249,15 @@ def test_ours_inside_trl_grpo_trainer(tmp_path):
                       activation_checkpointing=False, save_strategy="no")
     ds = Dataset.from_dict({"prompt": ["a b", "b a"],
                             "solution": ["<answer> Sepsis </answer>", "<answer> Pneumonia; Sepsis </answer>"]})
-    funcs = [REWARDS[n] for n in ("format", "jaccard", "exact_set", "disease_f1")]
+    funcs = [REWARDS[n] for n in NAMES]
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tk)
-    assert trainer.reward_func_names == ["format_reward", "jaccard_reward", "exact_set_reward", "disease_f1_reward"]
+    assert trainer.reward_func_names == ["format_reward", "jaccard_reward", "format_strict_reward",
+                                         "jaccard_normalized_reward", "exact_set_reward", "disease_f1_reward"]
     inputs = [dict(ds[0]), dict(ds[0]), dict(ds[1]), dict(ds[1])]
     completions = ["<think> x </think><answer> Sepsis </answer>", "junk",
                    "<think> y </think><answer> Sepsis </answer>", "<answer> Pneumonia; Sepsis </answer>"]
     got = trainer._calculate_rewards(inputs, [x["prompt"] for x in inputs], completions, [[3], [4], [3], [4]])
-    expected = [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0.5, 0, 2 / 3], [0, 1, 1, 1]]
+    expected = [[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 0.5, 1, 0.5, 0, 2 / 3], [0, 1, 0, 1, 1, 1]]
     assert [v for row in got.tolist() for v in row] == pytest.approx([v for row in expected for v in row])
 
 

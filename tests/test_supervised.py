@@ -7,7 +7,8 @@ import safetensors.torch
 import torch
 
 from medtvt_core.errors import CheckpointError
-from medtvt_core.training.supervised import TRAINER_STATE, WEIGHTS, last_complete_checkpoint, trainable_state
+from medtvt_core.model.serialization import CONFIG_NAME, WEIGHTS_NAME as WEIGHTS
+from medtvt_core.training.supervised import TRAINER_STATE, last_complete_checkpoint
 
 
 def _checkpoint(d, step, *, state: str | None = '{"global_step": 1}', weights=True):
@@ -15,6 +16,7 @@ def _checkpoint(d, step, *, state: str | None = '{"global_step": 1}', weights=Tr
     c.mkdir(parents=True)
     if weights:
         safetensors.torch.save_file({"w": torch.zeros(2)}, str(c / WEIGHTS))
+        (c / CONFIG_NAME).write_text("{}")
     if state is not None:
         (c / TRAINER_STATE).write_text(state)
     return c
@@ -37,29 +39,34 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert last_complete_checkpoint(tmp_path) is None and not any(tmp_path.iterdir())
 
 
-def test_trainer_resume_loads_exactly_the_trainable_parameters(tmp_path):
+def test_trainer_checkpoints_are_models_and_resume_is_strict(tmp_path):
+    """Trainer saves a checkpoint with the model's save_pretrained; resume refuses a partial one."""
     from transformers import TrainingArguments
 
+    from helpers import _StubPlugin, make_model
+    from medtvt_core.model.stages import configure_trainable
+    from medtvt_core.plugins import build_catalog
     from medtvt_core.training.supervised import MedTVTTrainer
+    import medtvt_plugins.fusion.builtin as fusion
+    import medtvt_plugins.llms.llama_lora as llama_lora
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
-    model[0].requires_grad_(False)
+    cat = build_catalog(plugins=[_StubPlugin(), fusion, llama_lora], autoload=False)
+    model, proc = make_model(("ecg", "lab"), {"ecg": {"name": "stub-ecg"}, "lab": {"name": "stub-lab"}}, cat)
+    configure_trainable(model, "pt")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
-    trainer = MedTVTTrainer(model=model, args=args)
-    saved = trainable_state(model)
-    assert sorted(saved) == ["1.bias", "1.weight"]  # the frozen layer is not checkpointed
-
+    trainer = MedTVTTrainer(model=model, args=args, processing_class=proc)
     ck = tmp_path / "checkpoint-1"
-    ck.mkdir()
-    safetensors.torch.save_file({k: v + 1 for k, v in saved.items()}, str(ck / WEIGHTS))
-    frozen = model[0].weight.detach().clone()
+    trainer._save(str(ck))
+    assert {"config.json", WEIGHTS, "processor_config.json"} <= {p.name for p in ck.iterdir()}
+    saved = safetensors.torch.load_file(str(ck / WEIGHTS))
+    key = next(k for k in saved if k.startswith("projectors."))
+    bumped = {k: v + 1 if k == key else v for k, v in saved.items()}
+    safetensors.torch.save_file(bumped, str(ck / WEIGHTS))
     trainer._load_from_checkpoint(str(ck))
-    assert torch.equal(model[1].weight, saved["1.weight"] + 1) and torch.equal(model[0].weight, frozen)
-
-    safetensors.torch.save_file({"1.weight": saved["1.weight"]}, str(ck / WEIGHTS))
-    with pytest.raises(CheckpointError, match=r"missing keys: 1\.bias"):
+    assert torch.equal(model.state_dict()[key], saved[key] + 1)
+    safetensors.torch.save_file({k: v for k, v in saved.items() if k != key}, str(ck / WEIGHTS))
+    with pytest.raises(CheckpointError, match=rf"missing keys: {key}"):
         trainer._load_from_checkpoint(str(ck))
-    safetensors.torch.save_file({**saved, "0.weight": frozen}, str(ck / WEIGHTS))
-    with pytest.raises(CheckpointError, match=r"unexpected keys: 0\.weight"):
+    safetensors.torch.save_file({**saved, "projectors.bogus": torch.zeros(1)}, str(ck / WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: projectors\.bogus"):
         trainer._load_from_checkpoint(str(ck))

@@ -86,7 +86,12 @@ def check_dataset(root: str | Path, *, modalities: Sequence[str] = ("ecg", "cxr"
         for r in recs:
             labels = parse_answer(r.answer)
             if labels is None and f in disease_files:
-                rep.problems.append(f"{r.where}: field 'messages[1].content': disease answer has no <answer> ... </answer> block")
+                # The reference's Jaccard reward scores such a record 0.0 whatever the model
+                # writes, and its metrics leave it out of clinical efficacy: say so up front.
+                rep.problems.append(
+                    f"{r.where}: field 'messages[1].content': disease-level answer has no <answer> ... </answer> "
+                    f"block (reward 'jaccard' is 0.0 for any completion); allowed: text ending in '<answer> A; B </answer>' "
+                    f"with names from {', '.join(DISEASES)}")
             elif labels is not None and (bad := unknown_labels(labels)):
                 rep.problems.append(f"{r.where}: field 'messages[1].content': unknown disease label(s) "
                                     f"{', '.join(map(repr, bad))}; allowed: {', '.join(DISEASES)}")

@@ -23,9 +23,6 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import ValidationError
-
-from ..config import format_validation_error
 from ..contracts import Encoder, Modality
 from ..errors import ConfigError, DataError
 from .cache import FeatureCache
@@ -67,25 +64,11 @@ def registered_modalities(catalog: Any = None) -> dict[str, type[Modality]]:
 
 def build_modalities(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
                      catalog: Any = None) -> dict[str, Modality]:
-    """Instantiate the modality readers ``names`` from the registry with their options."""
-    if catalog is None:
-        from ..plugins import get_catalog
+    """Instantiate the modality readers ``names`` from the registry with their options
+    (:func:`medtvt_core.build.build_readers`)."""
+    from ..build import build_readers
 
-        catalog = get_catalog()
-    options = dict(options or {})
-    unused = sorted(set(options) - set(names))
-    if unused:
-        raise ConfigError(f"data.modality_options: options for {', '.join(unused)} but the modalities in use are {', '.join(names)}")
-    out: dict[str, Modality] = {}
-    for n in names:
-        spec = catalog.modalities.spec(n)  # UnknownPluginError lists the available names
-        model = spec.config or spec.obj.config_class
-        try:
-            cfg = model.model_validate(dict(options.get(n, {})))
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, f"data.modality_options.{n}")) from None
-        out[n] = spec.obj(**cfg.model_dump())
-    return out
+    return build_readers(names, options, catalog)
 
 
 # ---------------------------------------------------------------------- dataset
@@ -121,22 +104,32 @@ class QADataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.skipped: list[SkippedSample] = list(skipped)
         self.encoders = {m: e for m, e in (encoders or {}).items() if m in self.modalities}
-        for m, e in self.encoders.items():
-            if getattr(e, "modality", m) != m:
-                raise ConfigError(f"encoder {type(e).__name__} reads modality {e.modality!r}, not {m!r}")
-        self.cache = cache
-        # Identity hashes every backbone weight: once here (or by the caller), not once per sample.
-        # Build datasets after the encoders' weights are loaded.
-        ids = dict(encoder_ids or {})
-        self.encoder_ids = {m: ids.get(m) or e.identity() for m, e in self.encoders.items()} if cache is not None else {}
-        self.cached_modalities = [m for m in self.modality_names
-                                  if cache is not None and m in self.encoders and not self.modalities[m].is_random(train)]
+        self.cache: FeatureCache | None = None
+        self.encoder_ids: dict[str, str] = {}
+        self.cached_modalities: list[str] = []
+        if cache is not None:
+            self.attach_cache(self.encoders, cache, encoder_ids=encoder_ids)
         fields = [mod.record_field for mod in self.modalities.values()]
         self.records = [r for r in records if any(r.ref(f) is not None for f in fields)]
         self.n_without_modality = len(records) - len(self.records)
         if self.n_without_modality:
             log.info("%d record(s) reference none of the modalities in use (%s) and are left out",
                      self.n_without_modality, ", ".join(self.modality_names))
+
+    def attach_cache(self, encoders: Mapping[str, Encoder], cache: FeatureCache,
+                     encoder_ids: Mapping[str, str] | None = None) -> None:
+        """Serve the frozen features of ``encoders`` from ``cache`` for every modality whose load is
+        deterministic in this mode (random training crops keep their raw inputs)."""
+        self.encoders = {m: e for m, e in encoders.items() if m in self.modalities}
+        for m, e in self.encoders.items():
+            if getattr(e, "modality", m) != m:
+                raise ConfigError(f"encoder {type(e).__name__} reads modality {e.modality!r}, not {m!r}")
+        self.cache = cache
+        # Identity hashes every backbone weight: once here (or by the caller), not once per sample.
+        ids = dict(encoder_ids or {})
+        self.encoder_ids = {m: ids.get(m) or e.identity() for m, e in self.encoders.items()}
+        self.cached_modalities = [m for m in self.modality_names
+                                  if m in self.encoders and not self.modalities[m].is_random(self.train)]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -302,12 +295,14 @@ def open_splits(root: str | Path, *, modalities: Mapping[str, Modality], pt_file
                 train_file: str | None = None, test_file: str | None = None, on_bad_sample: OnBad = "fail",
                 known: Mapping[str, type[Modality]] | None = None, catalog: Any = None,
                 encoders: Mapping[str, Encoder] | None = None, cache: FeatureCache | None = None,
-                seed: int = 0) -> dict[str, QADataset]:
+                seed: int = 0, persist_stats: bool = True, fit_stats: bool = True) -> dict[str, QADataset]:
     """Datasets ``"pt"`` (PT files), ``"train"`` and ``"test"`` (disease files) sharing the readers.
 
     Statistics (lab mean percentiles) come from the manifest or are fitted on the training
-    records (PT + train files) before any sample is read; ``"pt"``/``"train"`` use training
-    views, ``"test"`` evaluation views.  Missing arguments give no dataset for that split.
+    records (PT + train files) before any sample is read (stored in the manifest when
+    ``persist_stats``; ``fit_stats=False`` keeps the readers' own, e.g. a saved model's);
+    ``"pt"``/``"train"`` use training views, ``"test"`` evaluation views.  Missing arguments give
+    no dataset for that split.
     """
     known = dict(known) if known is not None else registered_modalities(catalog)
     ids = {m: e.identity() for m, e in (encoders or {}).items() if m in modalities} if cache is not None else None
@@ -319,8 +314,9 @@ def open_splits(root: str | Path, *, modalities: Mapping[str, Modality], pt_file
         out["train"] = QADataset.from_files(root, [train_file], modalities, train=True, check_files=False, **common)
     if test_file:
         out["test"] = QADataset.from_files(root, [test_file], modalities, train=False, check_files=False, **common)
-    training = [r for k in ("pt", "train") if k in out for r in out[k].records]
-    prepare_stats(root, modalities, training)
+    if fit_stats:
+        training = [r for k in ("pt", "train") if k in out for r in out[k].records]
+        prepare_stats(root, modalities, training, persist=persist_stats)
     for ds in out.values():
         ds.check_files()
     return out

@@ -32,7 +32,7 @@ import numpy as np
 from ..answers import DISEASES, answer_set
 from ..errors import ConfigError, DataError
 
-__all__ = ["clinical_efficacy", "majority_baseline", "pred_sets", "ref_sets"]
+__all__ = ["clinical_efficacy", "majority_baseline", "pred_sets", "ref_sets", "per_record_scores"]
 
 
 def pred_sets(preds: Iterable[Any], diseases: Sequence[str] = DISEASES) -> list[frozenset[str]]:
@@ -58,6 +58,20 @@ def _per_sample(p: frozenset[str], g: frozenset[str]) -> tuple[float, float, flo
         return 1.0, 1.0, 1.0
     tp = len(p & g)
     return (tp / len(p) if p else 0.0), (tp / len(g) if g else 0.0), 2.0 * tp / (len(p) + len(g))
+
+
+def per_record_scores(pred_texts: Sequence[Any], ref_texts: Sequence[Any],
+                      diseases: Sequence[str] = DISEASES) -> dict[str, list[float]]:
+    """Per-sample ``precision``, ``recall``, ``f1`` lists (the values :func:`clinical_efficacy` averages).
+
+    >>> per_record_scores(["<answer>Sepsis; Pneumonia</answer>", "none"], ["Sepsis", "Sepsis"])["f1"]
+    [0.6666666666666666, 0.0]
+    """
+    diseases = tuple(diseases)
+    if len(pred_texts) != len(ref_texts):
+        raise DataError(f"clinical efficacy: {len(pred_texts)} predictions for {len(ref_texts)} references")
+    rows = [_per_sample(p, g) for p, g in zip(pred_sets(pred_texts, diseases), ref_sets(ref_texts, diseases))]
+    return {k: [r[i] for r in rows] for i, k in enumerate(("precision", "recall", "f1"))}
 
 
 def _binary(sets: list[frozenset[str]], diseases: Sequence[str]) -> np.ndarray:

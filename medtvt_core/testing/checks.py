@@ -266,30 +266,38 @@ def llm_attributes(spec: PluginSpec[Any]) -> list[str]:
 
 
 def llm_build(spec: PluginSpec[Any]) -> list[str]:
+    placeholders = ["<ecg>", "<cxr>", "<lab>"]
     try:
         backbone: LLMBackbone = _build(spec)
-        placeholders = ["<ecg>", "<cxr>", "<lab>"]
         corpus = lambda: ["the heart rate is regular", "white cells are raised", "no acute disease"] * 20  # noqa: E731
-        loaded = backbone.build(placeholders, corpus=corpus)
+        tok = backbone.load_tokenizer(corpus)
+        tok.add_special_tokens({"extra_special_tokens": placeholders}, replace_extra_special_tokens=False)
+        text_config = backbone.text_config(tok)
+        model = backbone.build_model(text_config)
     except Exception as exc:
-        return [f"{spec.name}: build() failed with contract options: {type(exc).__name__}: {exc}"]
+        return [f"{spec.name}: building with contract options failed: {type(exc).__name__}: {exc}"]
     out = []
-    tok = loaded.tokenizer
     for ph in placeholders:
         ids = tok(ph, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            out.append(f"{spec.name}: placeholder {ph} is not a single token ({ids})")
-        elif loaded.placeholder_ids.get(ph) != ids[0]:
-            out.append(f"{spec.name}: placeholder_ids[{ph!r}] does not match the tokenizer")
-    if loaded.hidden_size != backbone.hidden_size:
-        out.append(f"{spec.name}: hidden_size {backbone.hidden_size} != embedding width {loaded.hidden_size}")
-    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+            out.append(f"{spec.name}: placeholder {ph} is not a single token ({ids}) after add_special_tokens")
+    emb = model.get_input_embeddings()
+    if emb.weight.shape[0] < len(tok):
+        out.append(f"{spec.name}: embedding has {emb.weight.shape[0]} rows for {len(tok)} tokens")
+    if emb.embedding_dim != backbone.hidden_size:
+        out.append(f"{spec.name}: hidden_size {backbone.hidden_size} != embedding width {emb.embedding_dim}")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not any("lora" in n for n in trainable):
-        out.append(f"{spec.name}: no trainable LoRA parameters after build()")
+        out.append(f"{spec.name}: no trainable LoRA parameters after build_model()")
     ids = torch.tensor([tok("the heart rate", add_special_tokens=False)["input_ids"]])
-    logits = loaded.model(input_ids=ids).logits
+    logits = model(input_ids=ids).logits
     if logits.shape[:2] != ids.shape:
         out.append(f"{spec.name}: logits shape {tuple(logits.shape)} does not match input {tuple(ids.shape)}")
+    again = backbone.build_model(text_config)
+    state, state2 = model.state_dict(), again.state_dict()
+    if any(not torch.equal(state[k], state2[k]) for k in state if "lora_" not in k):
+        out.append(f"{spec.name}: build_model() twice gives different base weights; a saved model could not "
+                   "reference them (make the random init seeded)")
     return out
 
 

@@ -8,64 +8,34 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..checkpoints import step_checkpoints
+from ..model.serialization import is_saved_model
 from ..config import StageConfig
-from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
-WEIGHTS = "model.safetensors"  # the file name Trainer's resume logic looks for
 TRAINER_STATE = "trainer_state.json"  # written last into a Trainer checkpoint
 
 
 class MedTVTTrainer(Trainer):
-    """Trainer that checkpoints only the trainable parameters (safetensors).
+    """``Trainer`` whose checkpoints are complete saved models (``model.save_pretrained``) and whose
+    resume loads them strictly (every saved tensor present with its shape, none unknown).
 
-    The frozen encoders and the LLM base are rebuilt from their sources, so a checkpoint of a
-    1B model holds megabytes, not gigabytes; ``Trainer`` reloads it non-strictly on resume.
+    Trainer's own loader only warns about missing keys, which would resume from a half-loaded model.
     """
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        trainable = trainable_state(model)
-        safetensors.torch.save_file(trainable, os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        # Trainer's own loader assumes a PreTrainedModel and only warns about missing keys; a checkpoint
-        # of ours must hold exactly the parameters this stage trains, with their shapes.
         if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from ..modeling import check_state
+        from ..model.serialization import load_weights
 
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        path = os.path.join(resume_from_checkpoint, WEIGHTS)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{resume_from_checkpoint}: no {WEIGHTS}; cannot resume from it")
-        got = safetensors.torch.load_file(path, device="cpu")
-        check_state(got, trainable_parameters(model), path)
-        model.load_state_dict(got, strict=False)
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters that require grad, by name (``named_parameters`` lists a tied tensor once)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the parameters that require grad."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in trainable_parameters(model).items()}
+        load_weights(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
 
 
 class _HistoryCallback(TrainerCallback):
@@ -86,7 +56,8 @@ def _report_to() -> list[str]:
         return []
 
 
-def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: str, num_workers: int = 0) -> TrainingArguments:
+def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: str, num_workers: int = 0,
+                       progress: bool = True) -> TrainingArguments:
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return TrainingArguments(
@@ -97,6 +68,8 @@ def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: st
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr": cfg.min_lr},
@@ -112,7 +85,7 @@ def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: st
         dataloader_num_workers=num_workers,
         remove_unused_columns=False,
         report_to=_report_to(),
-        disable_tqdm=False,
+        disable_tqdm=not progress,
         max_grad_norm=1.0,
     )
 
@@ -127,7 +100,7 @@ def last_complete_checkpoint(out_dir: Path) -> str | None:
     for p in reversed(step_checkpoints(out_dir)):
         try:
             json.loads((p / TRAINER_STATE).read_text())
-            if (p / WEIGHTS).is_file():
+            if is_saved_model(p):
                 return str(p)
         except (OSError, ValueError):
             pass
@@ -148,11 +121,19 @@ def run_supervised(
     num_workers: int = 0,
     resume: bool = False,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    processor: Any = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` (its trainable parameters are already set) and return the log history."""
-    args = training_arguments(cfg, out_dir, seed=seed, device=device, num_workers=num_workers)
+    """Train ``model`` (its trainable parameters are already set) and return the log history.
+
+    ``processor`` is saved into every checkpoint, which makes each one a complete model."""
+    from transformers.trainer_callback import PrinterCallback
+
+    args = training_arguments(cfg, out_dir, seed=seed, device=device, num_workers=num_workers, progress=progress)
     trainer = MedTVTTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                            callbacks=[_HistoryCallback(on_log)])
+                            processing_class=processor, callbacks=[_HistoryCallback(on_log)])
+    if not progress:  # without progress bars Trainer prints every log dict instead
+        trainer.remove_callback(PrinterCallback)
     last = last_complete_checkpoint(out_dir) if resume else None
     if last:
         log.info("resuming %s from %s", out_dir.name, last)

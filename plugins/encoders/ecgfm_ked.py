@@ -174,7 +174,7 @@ class EcgfmKedEncoder(Encoder):
     def __init__(self, *, variant: str = "full", num_tokens: int = 1, weights: str | Path | None = None,
                  trust_checkpoint: bool = False):
         super().__init__()
-        self.config = EcgfmKedConfig.checked("ecgfm-ked options", variant=variant, num_tokens=num_tokens, weights=weights,
+        self.config = EcgfmKedConfig(variant=variant, num_tokens=num_tokens, weights=weights,
                                          trust_checkpoint=trust_checkpoint)
         arch = ARCHS[self.config.variant]
         self.backbone = XResNet1d(NUM_LEADS, arch.stem, arch.widths, arch.layers, expansion=arch.expansion,

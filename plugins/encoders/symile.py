@@ -76,7 +76,7 @@ class SymileEncoder(Encoder):
     def __init__(self, *, variant: str = "full", num_tokens: int = 1, weights: str | Path | None = None,
                  state_prefix: str = "labs_encoder.", trust_checkpoint: bool = False):
         super().__init__()
-        self.config = SymileConfig.checked("symile options", variant=variant, num_tokens=num_tokens, weights=weights,
+        self.config = SymileConfig(variant=variant, num_tokens=num_tokens, weights=weights,
                                        state_prefix=state_prefix, trust_checkpoint=trust_checkpoint)
         widths = WIDTHS[self.config.variant]
         self.backbone = LabsEncoder(widths)

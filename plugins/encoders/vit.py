@@ -162,7 +162,7 @@ class VitEncoder(Encoder):
     def __init__(self, *, variant: str = "base", num_tokens: int = 1, weights: str | Path | None = None,
                  trust_checkpoint: bool = False):
         super().__init__()
-        self.config = VitConfig.checked("vit options", variant=variant, num_tokens=num_tokens, weights=weights,
+        self.config = VitConfig(variant=variant, num_tokens=num_tokens, weights=weights,
                                     trust_checkpoint=trust_checkpoint)
         self.vit = build_vit(self.config.variant)
         width = VARIANTS[self.config.variant]["embed_dim"]

@@ -24,14 +24,14 @@ CAO (SPEC): ``g = sigmoid(Linear(M*D -> M)([mean_K M_1 : ... : mean_K M_M]))``,
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import Fusion, FusionOutput, PluginConfig
+from medtvt_core.contracts import Fusion, FusionOutput, IdentityFusion, PluginConfig
 from medtvt_core.errors import ConfigError
 
 __all__ = [
@@ -70,16 +70,6 @@ class NoFusionConfig(PluginConfig):
     """The identity fusion has no options."""
 
 
-def _validated(config_class: type[PluginConfig], where: str, options: dict[str, Any]) -> PluginConfig:
-    # Constructors may be called directly (not only through validate_plugins): same checks, same errors.
-    try:
-        return config_class.model_validate(options)
-    except ValidationError as err:
-        from medtvt_core.config import format_validation_error
-
-        raise ConfigError(format_validation_error(err, where)) from None
-
-
 # --------------------------------------------------------------------------- modules
 class _MaskedFusion(Fusion):
     """Shared input checks and masking for the built-in fusions."""
@@ -107,8 +97,8 @@ class MPLFusion(_MaskedFusion):
 
     def __init__(self, dim: int, num_modalities: int, *, style: Style = "official", num_heads: int = 4,
                  dropout: float = 0.1, residual_scale: float = 0.01, cmha: bool = True, cao: bool = True):
-        cfg = _validated(MPLConfig, "fusion.options (mpl)", dict(
-            style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale, cmha=cmha, cao=cao))
+        cfg = MPLConfig(style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale,
+                        cmha=cmha, cao=cao)
         self._setup(dim, num_modalities, cfg, use_cmha=cfg.cmha, use_cao=cfg.cao)
 
     def _setup(self, dim: int, num_modalities: int, cfg: PluginConfig, *, use_cmha: bool, use_cao: bool) -> None:
@@ -194,8 +184,7 @@ class CMHAFusion(MPLFusion):
 
     def __init__(self, dim: int, num_modalities: int, *, style: Style = "official", num_heads: int = 4,
                  dropout: float = 0.1, residual_scale: float = 0.01):
-        cfg = _validated(CMHAConfig, "fusion.options (cmha)", dict(
-            style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale))
+        cfg = CMHAConfig(style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale)
         self._setup(dim, num_modalities, cfg, use_cmha=True, use_cao=False)
 
 
@@ -208,18 +197,16 @@ class CAOFusion(MPLFusion):
         self._setup(dim, num_modalities, CAOConfig(), use_cmha=False, use_cao=True)
 
 
-class NoFusion(_MaskedFusion):
-    """Identity: tokens unchanged except masked modalities zeroed; weights ``None`` (plugin ``none``)."""
+class NoFusion(IdentityFusion):
+    """Identity: tokens unchanged except masked modalities zeroed; weights ``None`` (plugin ``none``).
+
+    The core's own "no fusion" (the PT stage) is the same class."""
 
     config_class: ClassVar[type[PluginConfig]] = NoFusionConfig
 
     def __init__(self, dim: int, num_modalities: int):
         super().__init__(dim, num_modalities)
         self.config = NoFusionConfig()
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> FusionOutput:
-        mask = self._check(tokens, mask)
-        return FusionOutput(tokens=self._zero_masked(tokens, mask), weights=None)
 
 
 # --------------------------------------------------------------------------- registration

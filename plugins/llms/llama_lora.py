@@ -4,15 +4,16 @@ Weights come from a local Hugging Face directory (``model_path``; never fetched 
 safetensors only) or are built at random from a named architecture (``variant``: ``tiny`` for
 tests and the demo, ``llama-3.2-1b`` for throughput benchmarks).  The tokenizer is the model
 directory's own; without one, a byte-level BPE tokenizer is trained offline on the run's text
-(``corpus``) with the ``tokenizers`` library and saved to ``tokenizer_dir``.
+(``corpus``) with the ``tokenizers`` library (the model's processor saves it with the model).
 
-Each modality placeholder (``<ecg>``, ...) becomes one additional special token; the reasoning
+The core adds each modality placeholder (``<ecg>``, ...) as one special token; the reasoning
 tags ``<think> </think> <answer> </answer>`` of a trained tokenizer are single, non-special
 tokens (so ``decode(skip_special_tokens=True)`` keeps them for the rewards).
 
-LoRA targets the attention projections ``q_proj, k_proj, v_proj, o_proj`` by default (the
-reference's choice for LLaMA-3.2-1B, rank 8).  :func:`set_trainable_extras` additionally
-unfreezes the LLM's norms, biases and input token embeddings, as the reference does.
+LoRA targets the attention projections ``q_proj, k_proj, v_proj, o_proj`` by default; the
+reference code also adapts the feed-forward projections (the ``paper`` preset sets them).
+:func:`extra_parameter_names` lists the LLM's norms, biases and input token embeddings, which
+the reference also trains.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 from pydantic import Field, field_validator
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import LLMBackbone, LoadedLLM, PluginConfig
+from medtvt_core.contracts import LLMBackbone, PluginConfig
 from medtvt_core.errors import CheckpointError, ConfigError
 
 __all__ = [
     "LlamaLoraConfig", "LlamaLoraBackbone", "VARIANTS", "REASONING_TAGS",
-    "llama_config", "train_tokenizer", "set_trainable_extras", "extra_parameter_names",
+    "llama_config", "train_tokenizer", "extra_parameter_names", "pretrain_base",
 ]
 
 #: Architectures buildable without a model directory (``LlamaConfig`` keyword arguments).
@@ -176,49 +177,47 @@ def extra_parameter_names(model: Any) -> list[str]:
     return names
 
 
-def set_trainable_extras(model: Any, enabled: bool) -> list[str]:
-    """(Un)freeze the LLM's norms, biases and input token embeddings; returns their names.
-
-    A tied output head shares the embedding tensor, so it follows the embeddings."""
-    names = set(extra_parameter_names(model))
-    for n, p in model.named_parameters():
-        if n in names:
-            p.requires_grad_(enabled)
-    return sorted(names)
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
-
-
-def pretrain_base(model: Any, tok: Any, texts: Sequence[str], placeholders: Sequence[str], *, steps: int,
-                  lr: float, batch_size: int, max_length: int, seed: int) -> None:
+def pretrain_base(model: Any, tok: Any, texts: Sequence[str], *, steps: int, lr: float, batch_size: int,
+                  max_length: int, seed: int) -> None:
     """Causal-LM training of a randomly initialised base on ``texts`` with transformers' Trainer.
 
     Demos have no pretrained LLaMA; a few hundred steps on the cohort's own text give the frozen
-    base the language that LoRA then adapts, as a real checkpoint would.  Placeholders are
-    removed from the text (their embeddings are replaced by modality tokens anyway).
+    base the language that LoRA then adapts, as a real checkpoint would.  ``model`` may be a peft
+    model: its adapter is disabled and stays untouched.  Special tokens the core added (modality
+    placeholders) are removed from the text: their embeddings are replaced by modality tokens anyway.
     """
+    import contextlib
     import tempfile
 
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    clean = [t for t in _clean_corpus(texts, placeholders) if t.strip()]
+    added = [t for t in tok.all_special_tokens if t not in _TRAINED_SPECIALS.values()]
+    clean = [t for t in _clean_corpus(texts, added) if t.strip()]
     if not clean:
         raise ConfigError("llm.options.pretrain_steps: the corpus holds no text")
     eos = tok.eos_token or ""
     enc = tok([t + eos for t in clean], truncation=True, max_length=max_length)
     data = [{"input_ids": ids} for ids in enc["input_ids"]]
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    with tempfile.TemporaryDirectory(prefix="medtvt-pretrain-") as tmp, torch.random.fork_rng(devices=[]):
-        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                                 learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
-                                 save_strategy="no", report_to=[], logging_steps=max(steps // 4, 1), seed=seed,
-                                 data_seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                                 remove_unused_columns=False)
-        model.train()
-        Trainer(model=model, args=args, train_dataset=data, data_collator=collator).train()
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+    base = model.get_base_model() if is_peft else model
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    for n, p in base.named_parameters():
+        p.requires_grad_("lora_" not in n)
+    off = model.disable_adapter() if is_peft else contextlib.nullcontext()
+    try:
+        with tempfile.TemporaryDirectory(prefix="medtvt-pretrain-") as tmp, torch.random.fork_rng(devices=[]), off:
+            args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+                                     learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+                                     save_strategy="no", report_to=[], logging_strategy="no", seed=seed,
+                                     data_seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                                     remove_unused_columns=False)
+            base.train()
+            Trainer(model=base, args=args, train_dataset=data, data_collator=collator).train()
+    finally:
+        for n, p in base.named_parameters():
+            p.requires_grad_(flags[n])
     model.eval()
 
 
@@ -230,7 +229,7 @@ class LlamaLoraBackbone(LLMBackbone):
     contract_options: ClassVar[dict[str, Any]] = {"variant": "tiny"}
 
     def __init__(self, **options: Any):
-        self.config = LlamaLoraConfig.checked("llm.options (llama-lora)", **options)
+        self.config = LlamaLoraConfig(**options)
 
     # ---------------------------------------------------------------- info
     @property
@@ -260,51 +259,63 @@ class LlamaLoraBackbone(LLMBackbone):
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{cfg_file}: cannot read hidden_size ({exc})") from None
 
+    def weight_files(self) -> list[Path]:
+        """``config.json`` and the ``*.safetensors`` of ``model_path`` ([] for a random base)."""
+        if self.pretrained_path is None:
+            return []
+        d = self._model_dir()
+        files = sorted(d.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"llm.options.model_path: {d} holds no *.safetensors weights "
+                                  f"(pickled weights are refused: they can run code when read)")
+        return [d / "config.json", *files]
+
     # ---------------------------------------------------------------- build
-    def load_tokenizer(self, *, corpus: Callable[[], Sequence[str]] | None = None,
-                       tokenizer_dir: Path | None = None):
-        """The tokenizer: ``tokenizer_dir`` when it holds one, else the model directory's, else one
-        trained on ``corpus()`` (saved to ``tokenizer_dir`` when given)."""
+    def load_tokenizer(self, corpus: Callable[[], Sequence[str]] | None = None):
+        """The model directory's tokenizer, else one trained on ``corpus()``; a pad token is set."""
         from transformers import AutoTokenizer
 
-        tdir = Path(tokenizer_dir) if tokenizer_dir is not None else None
-        if tdir is not None and _has_tokenizer(tdir):
-            src = tdir
-        elif self.pretrained_path is not None:
+        if self.pretrained_path is not None:
             src = self._model_dir()
-        else:
-            src = None
-        if src is not None:
             try:
-                return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"tokenizer in {src} cannot be loaded: {exc}".replace("\n", " ")) from None
-        if corpus is None:
-            raise ConfigError(
-                f"llama-lora variant {self.config.variant!r} has no tokenizer of its own: pass a corpus to train "
-                f"one, a tokenizer_dir holding a saved one, or set llm.options.model_path")
-        tok = train_tokenizer(corpus(), vocab_size=self.config.tokenizer_vocab_size,
-                              min_frequency=self.config.tokenizer_min_frequency)
+        else:
+            if corpus is None:
+                raise ConfigError(
+                    f"llama-lora variant {self.config.variant!r} has no tokenizer of its own: a corpus to train one "
+                    f"on is needed, or set llm.options.model_path")
+            tok = train_tokenizer(corpus(), vocab_size=self.config.tokenizer_vocab_size,
+                                  min_frequency=self.config.tokenizer_min_frequency)
+        if tok.pad_token is None:
+            tok.pad_token = _LLAMA3_PAD if _LLAMA3_PAD in tok.get_vocab() else tok.eos_token
         return tok
 
-    def build(self, placeholders: Sequence[str], *, corpus: Callable[[], Sequence[str]] | None = None,
-              tokenizer_dir: Path | None = None) -> LoadedLLM:
+    def text_config(self, tokenizer: Any):
+        """``LlamaConfig`` whose vocabulary holds every token of ``tokenizer``."""
+        from transformers import AutoConfig
+
+        n = len(tokenizer)
+        if self.pretrained_path is not None:
+            cfg = AutoConfig.from_pretrained(str(self._model_dir()), local_files_only=True)
+            cfg.vocab_size = max(int(cfg.vocab_size), n)
+        else:
+            specials = {k: tokenizer.convert_tokens_to_ids(v) for k, v in
+                        (("pad_token_id", tokenizer.pad_token), ("bos_token_id", tokenizer.bos_token),
+                         ("eos_token_id", tokenizer.eos_token)) if v is not None}
+            # tiny: exactly the tokenizer's vocabulary; 1B: keep the real 128256 rows (benchmarks
+            # measure the real output-layer cost) unless the tokenizer is larger.
+            cfg = llama_config(self.config.variant, vocab_size=n, **specials)
+        cfg.pad_token_id = tokenizer.pad_token_id
+        return cfg
+
+    def build_model(self, text_config: Any, *, adapter: bool = True):
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
         cfg = self.config
-        tok = self.load_tokenizer(corpus=corpus, tokenizer_dir=tokenizer_dir)
-        if tok.pad_token is None:
-            tok.pad_token = _LLAMA3_PAD if _LLAMA3_PAD in tok.get_vocab() else tok.eos_token
-        new = [p for p in placeholders if p not in tok.get_vocab()]
-        if new:
-            tok.add_special_tokens({"extra_special_tokens": list(new)}, replace_extra_special_tokens=False)
-        placeholder_ids = {p: int(tok.convert_tokens_to_ids(p)) for p in placeholders}
-        for p, i in placeholder_ids.items():
-            if tok(p, add_special_tokens=False)["input_ids"] != [i]:
-                raise ConfigError(f"llama-lora: placeholder {p!r} does not tokenize to one token; use the form '<name>'")
-
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
         if self.pretrained_path is not None:
             path = self._model_dir()
@@ -318,53 +329,53 @@ class LlamaLoraBackbone(LLMBackbone):
                 raise CheckpointError(
                     f"llm.options.model_path: cannot load a causal LM from {path} (safetensors weights required): {msg}"
                 ) from None
+            self._resize_for(model, int(text_config.vocab_size))
+            for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                if getattr(text_config, k, None) is not None:
+                    setattr(model.config, k, getattr(text_config, k))
         else:
-            specials = {k: tok.convert_tokens_to_ids(v) for k, v in
-                        (("pad_token_id", tok.pad_token), ("bos_token_id", tok.bos_token), ("eos_token_id", tok.eos_token))
-                        if v is not None}
-            # tiny: exactly the tokenizer's vocabulary; 1B: keep the real 128256 rows (benchmarks
-            # measure the real output-layer cost) unless the tokenizer is larger.
-            mcfg = llama_config(cfg.variant, vocab_size=len(tok), **specials)
             with torch.random.fork_rng(devices=[]):  # reproducible without touching the caller's RNG
                 torch.manual_seed(cfg.seed)
-                model = AutoModelForCausalLM.from_config(
-                    mcfg, dtype=dtype, attn_implementation=cfg.attn_implementation)
-        self._resize_for(model, len(tok))
-        if self.pretrained_path is None and cfg.pretrain_steps:
-            if corpus is None:
-                raise ConfigError("llm.options.pretrain_steps > 0 needs a corpus (the dataset's text) to train on")
-            pretrain_base(model, tok, corpus(), placeholders, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                          batch_size=cfg.pretrain_batch_size, max_length=cfg.pretrain_max_length, seed=cfg.seed)
+                model = AutoModelForCausalLM.from_config(text_config, dtype=dtype,
+                                                         attn_implementation=cfg.attn_implementation)
         for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            tid = getattr(tok, k, None)
+            tid = getattr(text_config, k, None)
             if tid is not None and getattr(model.generation_config, k, None) is None:
                 setattr(model.generation_config, k, tid)
-
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (inputs_embeds may not).
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+        if not adapter:
+            return model
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
         try:
             with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5; not ours to fix
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                peft_model = get_peft_model(model, lora)
+                return get_peft_model(model, lora)
         except ValueError as exc:
             msg = str(exc).replace("\n", " ")
             raise ConfigError(f"llm.options.target_modules {list(cfg.target_modules)}: {msg}") from None
-        if tokenizer_dir is not None and not _has_tokenizer(Path(tokenizer_dir)):
-            Path(tokenizer_dir).mkdir(parents=True, exist_ok=True)
-            tok.save_pretrained(str(tokenizer_dir))
-        return LoadedLLM(model=peft_model, tokenizer=tok, placeholder_ids=placeholder_ids)
 
-    # Used by MedTVTModel.configure_trainable(..., train_extras=True) and its save.
-    extra_parameter_names = staticmethod(extra_parameter_names)
-    set_trainable_extras = staticmethod(set_trainable_extras)
+    def prepare_base(self, model: Any, tokenizer: Any, corpus: Callable[[], Sequence[str]] | None) -> None:
+        """With ``pretrain_steps`` and no ``model_path``: causal-LM pretraining of the random base
+        (adapter disabled) on the corpus, a stand-in for a pretrained checkpoint in demos."""
+        if self.pretrained_path is not None or not self.config.pretrain_steps:
+            return
+        if corpus is None:
+            raise ConfigError("llm.options.pretrain_steps > 0 needs a corpus (the dataset's text) to train on")
+        c = self.config
+        pretrain_base(model, tokenizer, corpus(), steps=c.pretrain_steps, lr=c.pretrain_lr,
+                      batch_size=c.pretrain_batch_size, max_length=c.pretrain_max_length, seed=c.seed)
+
+    def extra_parameter_names(self, model: Any) -> list[str]:
+        return extra_parameter_names(model)
 
     @staticmethod
     def _resize_for(model: Any, n_tokens: int) -> None:
         """Grow the embedding rows to ``n_tokens``; new rows = mean of the old ones (deterministic, so
-        a reload gives identical logits without saving the rows)."""
+        a reload from the same checkpoint gives identical rows without saving them)."""
         import torch
 
         emb = model.get_input_embeddings()

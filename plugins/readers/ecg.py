@@ -1,4 +1,4 @@
-"""Modality ``ecg``: a 12-lead ECG from a WFDB record (``.hea`` + signal files), leads selected by name."""
+"""Modality ``ecg``: an ECG from a WFDB record (``.hea`` + signal files), leads selected by name."""
 
 from __future__ import annotations
 
@@ -49,10 +49,19 @@ class EcgConfig(PluginConfig):
 
 # Bits per sample of WFDB storage formats, to check a signal file against its header.
 _FMT_BITS = {"8": 8, "16": 16, "24": 24, "32": 32, "61": 16, "80": 8, "160": 16, "212": 12, "310": 32 / 3, "311": 32 / 3}
+# FLAC-compressed formats: their sample count is in the stream header, not in the file size.
+_FLAC_FMTS = ("508", "516", "524")
+_HEADER_ALLOWED = ("a header wfdb.rdheader reads: a record line (name, signal count, sampling rate, samples "
+                   "per signal), then one line per signal; '#' comment lines and blank lines may appear anywhere")
 
 
 class EcgModality(Modality):
-    """12-lead ECG from a WFDB record (``.hea`` + ``.dat``), leads selected by name."""
+    """ECG from a single-segment WFDB record (``.hea`` + signal files), leads selected by name.
+
+    Each lead is read at its own rate (frame rate x samples per frame), cut or padded to
+    ``duration_s`` and Fourier-resampled to ``target_fs``: the output is float32
+    ``[len(leads), target_fs * duration_s]`` in physical units.
+    """
 
     name: ClassVar[str] = "ecg"
     placeholder: ClassVar[str] = "<ecg>"
@@ -78,141 +87,240 @@ class EcgModality(Modality):
         return p.with_suffix("") if p.suffix in (".hea", ".dat") else p
 
     def files_of(self, ref: str, *, root: Path) -> list[Path]:
+        """The header and the signal files it names (parsed by ``wfdb.rdheader``).
+
+        Without a header: the header and ``<record>.dat`` (so a missing record is reported);
+        with an unparseable one: the header only (``load`` says what is wrong with it).
+        """
         rec = self.record_path(ref, root)
         hea = rec.with_name(rec.name + ".hea")
-        files = [hea]
-        if hea.is_file():
-            # Signal files named in the header (MIMIC-IV-ECG: one <record>.dat).
-            for line in hea.read_text(errors="replace").splitlines()[1:]:
-                tok = line.split()
-                if tok and not line.startswith("#"):
-                    f = rec.parent / tok[0]
-                    if f not in files:
-                        files.append(f)
-        else:
-            files.append(rec.with_name(rec.name + ".dat"))
-        return files
+        if not hea.is_file():
+            return [hea, rec.with_name(rec.name + ".dat")]
+        try:
+            header = self._read_header(rec, "")
+        except DataError:
+            return [hea]
+        return [hea, *(rec.parent / f for f in dict.fromkeys(header.file_name))]
 
     def load(self, ref: str, *, root: Path, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        import wfdb
-
         cfg = self.config
         path = self.record_path(ref, root)
         where = f"ECG record {path}"
-        for f in self.files_of(ref, root=root):
-            if not f.is_file():
-                raise DataError(f"{where}: file {f.name} does not exist")
-        try:
-            rec = wfdb.rdrecord(str(path), physical=False)
-        except Exception as exc:  # wfdb raises many types for broken files
-            try:
-                header = wfdb.rdheader(str(path))
-            except Exception:
-                header = None
-            if header is not None:
-                self._check_file_sizes(header, path, where)  # names the usual cause: a short signal file
-            raise DataError(f"{where}: unreadable WFDB record ({type(exc).__name__}: {_one_line(exc)})") from None
-        d = rec.d_signal
-        if d is None or d.ndim != 2 or d.shape[0] != rec.sig_len:
-            got = None if d is None else d.shape[0]
-            raise DataError(f"{where}: header says {rec.sig_len} samples per lead, signal holds {got}")
-        self._check_file_sizes(rec, path, where)
-        if cfg.verify_checksum and rec.checksum is not None:
-            calc = rec.calc_checksum()
-            bad = [rec.sig_name[i] for i, (a, b) in enumerate(zip(rec.checksum, calc)) if a != b]
-            if bad:
-                raise DataError(f"{where}: checksum mismatch in lead(s) {', '.join(bad)}: the .dat content does not match its header")
-        phys = rec.dac(return_res=64)  # digital -> physical units; invalid samples become NaN
-        x = self._select_leads(phys, rec.sig_name, where)  # [L, n]
-        fs = float(rec.fs)
-        x = self._fix_length(x, fs, where)
-        x = self._fix_nans(x, where)
-        n_out = self.n_samples
-        if x.shape[1] != n_out:
-            from scipy.signal import resample
-
-            x = resample(x, n_out, axis=1)  # Fourier resampling, as the reference
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        hea = path.with_name(path.name + ".hea")
+        if not hea.is_file():
+            raise DataError(f"{where}: file {hea.name} does not exist")
+        header = self._read_header(path, where)
+        for fname in dict.fromkeys(header.file_name):
+            if not (path.parent / fname).is_file():
+                raise DataError(f"{where}: file {fname} does not exist")
+        idx = self._lead_index(header.sig_name, where)  # before reading samples: fail fast on the wrong record kind
+        self._check_file_sizes(header, path, where)
+        spf = [int(s or 1) for s in (header.samps_per_frame or [1] * header.n_sig)]
+        # Several samples per frame: only the expanded read keeps every sample (the default
+        # smooth_frames=True averages each frame, which changes values and checksums). With one
+        # sample per frame both reads hold the same samples; the smoothed one is used then because
+        # wfdb 4.3's expanded digital read fails on format 61 (its dtype '>i2').
+        expanded = any(s > 1 for s in spf)
+        rec = self._read(path, header, expanded, where)
+        digital = list(rec.e_d_signal) if expanded else [rec.d_signal[:, i] for i in range(rec.n_sig)]
+        for i, d in enumerate(digital):
+            want = rec.sig_len * spf[i]
+            if len(d) != want:
+                raise DataError(f"{where}: header says {want} samples of signal {rec.sig_name[i]!r}, "
+                                f"{rec.file_name[i]} holds {len(d)}; allowed: a signal file holding what its header declares")
+        if cfg.verify_checksum:
+            self._verify_checksums(rec, expanded, where)
+        phys = rec.dac(expanded=expanded, return_res=64)  # digital -> physical units; invalid samples become NaN
+        xs = [np.asarray(phys[i] if expanded else phys[:, i], dtype=np.float64) for i in idx]
+        frame_fs = float(rec.fs)
+        xs = self._fix_length(xs, [frame_fs * spf[i] for i in idx], rec.sig_len, frame_fs, where)
+        xs = self._fix_nans(xs, where)
+        return torch.from_numpy(self._resample(xs))
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _read_header(path: Path, where: str) -> Any:
+        """The record's header as ``wfdb.rdheader`` parses it; DataError unless one usable segment."""
+        import wfdb
+
+        hea = path.with_name(path.name + ".hea")
+        try:
+            header = wfdb.rdheader(str(path))
+        except Exception as exc:  # wfdb raises HeaderSyntaxError, IndexError, ValueError, ... for bad headers
+            raise DataError(f"{where}: unparseable WFDB header {hea.name} ({type(exc).__name__}: {_one_line(exc)}); "
+                            f"allowed: {_HEADER_ALLOWED}") from None
+        if isinstance(header, wfdb.MultiRecord) or getattr(header, "seg_name", None):
+            raise DataError(f"{where}: {hea.name} is a multi-segment header; allowed: a single-segment record")
+        n_lines = len(header.file_name or [])
+        if not header.n_sig or n_lines != header.n_sig:
+            # wfdb accepts a record line declaring more signals than there are signal lines.
+            raise DataError(f"{where}: {hea.name} declares {header.n_sig or 0} signal(s) but has {n_lines} signal line(s); "
+                            f"allowed: {_HEADER_ALLOWED}, at least one signal")
+        if not header.sig_len or not header.fs:
+            raise DataError(f"{where}: {hea.name} declares {header.sig_len or 0} samples at {header.fs or 0} Hz; "
+                            "allowed: a record with a sampling rate and samples (the samples-per-signal field is required)")
+        return header
+
+    def _read(self, path: Path, header: Any, expanded: bool, where: str) -> Any:
+        """Digital samples of the whole record; on failure DataError naming the signal file that fails."""
+        import wfdb
+
+        try:
+            return wfdb.rdrecord(str(path), physical=False, smooth_frames=not expanded)
+        except Exception as exc:  # wfdb and its decoders (numpy, libsndfile) raise many types for broken files
+            first = exc
+        # Read each signal file alone to say which one is broken (only on this failure path).
+        for fname in dict.fromkeys(header.file_name):
+            chans = [i for i, f in enumerate(header.file_name) if f == fname]
+            try:
+                wfdb.rdrecord(str(path), physical=False, smooth_frames=not expanded, channels=chans)
+            except Exception as exc:
+                fmts = ", ".join(dict.fromkeys(header.fmt[i] for i in chans))
+                raise DataError(f"{where}: unreadable signal file {fname} ({type(exc).__name__}: {_one_line(exc)}); "
+                                f"allowed: a complete file in WFDB format {fmts} holding {header.sig_len} frames") from None
+        raise DataError(f"{where}: unreadable WFDB record ({type(first).__name__}: {_one_line(first)})") from None
+
+    def _verify_checksums(self, rec: Any, expanded: bool, where: str) -> None:
+        """Header checksums vs the samples, modulo 2^16 (headers store them signed or unsigned).
+
+        Skewed signals are not checked: the header's sum is over the stored order, but wfdb
+        returns skewed samples shifted into place (the first ``skew`` dropped, invalid ones
+        appended), so their sum cannot reproduce it.
+        """
+        if rec.checksum is None:
+            return
+        calc = rec.calc_checksum(expanded=expanded)
+        skew = rec.skew or [None] * rec.n_sig
+        skipped = [f"{rec.sig_name[i]} (skew {skew[i]})" for i in range(rec.n_sig) if skew[i]]
+        bad = [rec.sig_name[i] for i, (want, got) in enumerate(zip(rec.checksum, calc))
+               if not skew[i] and want is not None and (int(want) - int(got)) % 65536]
+        if skipped:
+            log.info("%s: checksum of skewed signal(s) %s not verified: wfdb returns skewed samples shifted, "
+                     "so their sum cannot reproduce the header's", where, ", ".join(skipped))
+        if bad:
+            raise DataError(f"{where}: checksum mismatch in lead(s) {', '.join(bad)}: the signal file content does not "
+                            "match its header (16-bit sums); allowed: an intact record, or verify_checksum=false")
+
     def _check_file_sizes(self, rec: Any, path: Path, where: str) -> None:
         """Signal files must hold exactly the samples the header declares (wfdb reads a longer file silently)."""
         per_file: dict[str, list[int]] = {}
         for i, fname in enumerate(rec.file_name):
             per_file.setdefault(fname, []).append(i)
+        spf = [int(s or 1) for s in (rec.samps_per_frame or [1] * rec.n_sig)]
         for fname, idx in per_file.items():
             fmts = {rec.fmt[i] for i in idx}
             offs = {(rec.byte_offset or [None] * rec.n_sig)[i] or 0 for i in idx}
-            spf = rec.samps_per_frame or [1] * rec.n_sig
-            if len(fmts) != 1 or len(offs) != 1 or (fmt := fmts.pop()) not in _FMT_BITS:
+            if len(fmts) != 1 or len(offs) != 1:
                 continue
+            fmt, off = fmts.pop(), offs.pop()
             f = path.parent / fname
             frame = sum(spf[i] for i in idx)
-            expected = math.ceil(rec.sig_len * frame * _FMT_BITS[fmt] / 8) + offs.pop()
+            per = "samples per lead" if frame == len(idx) else "frames"
+            if fmt in _FLAC_FMTS:
+                held = self._flac_frames(f)  # sample count from the stream header; a cut stream fails in _read
+                if held is not None and held != rec.sig_len * spf[idx[0]] + off:
+                    raise DataError(f"{where}: header says {rec.sig_len} {per} but {fname} holds "
+                                    f"{(held - off) / spf[idx[0]]:.0f} (FLAC stream of {held} samples per channel)")
+                continue
+            if fmt not in _FMT_BITS:
+                continue
+            expected = math.ceil(rec.sig_len * frame * _FMT_BITS[fmt] / 8) + off
             size = f.stat().st_size
             if not (expected <= size <= expected + 1):
-                held = size * 8 / _FMT_BITS[fmt] / frame
-                raise DataError(f"{where}: header says {rec.sig_len} samples per lead but {fname} holds "
+                held = (size - off) * 8 / _FMT_BITS[fmt] / frame
+                raise DataError(f"{where}: header says {rec.sig_len} {per} but {fname} holds "
                                 f"{held:.0f} ({size} bytes, expected {expected})")
 
-    def _select_leads(self, phys: np.ndarray, names: Sequence[str], where: str) -> np.ndarray:
-        index: dict[str, int] = {}
+    @staticmethod
+    def _flac_frames(f: Path) -> int | None:
+        """Samples per channel a FLAC signal file declares, or None when soundfile cannot tell."""
+        try:
+            import soundfile
+
+            return int(soundfile.info(str(f)).frames)
+        except Exception:  # not FLAC, or unreadable: _read names the file
+            return None
+
+    def _lead_index(self, names: Sequence[str], where: str) -> list[int]:
+        """Indices of the configured leads in the record's signals, in configured order."""
+        index: dict[str, list[int]] = {}
         for i, n in enumerate(names):
-            key = n.strip().lower()
-            if key in index:
-                raise DataError(f"{where}: lead {n!r} appears twice in the header; lead names must be unique")
-            index[key] = i
+            index.setdefault(n.strip().lower(), []).append(i)
         missing = [lead for lead in self.config.leads if lead.lower() not in index]
         if missing:
             raise DataError(f"{where}: missing lead(s) {', '.join(missing)}; file has {', '.join(names)}; "
                             f"required: {', '.join(self.config.leads)}")
-        return phys[:, [index[lead.lower()] for lead in self.config.leads]].T.astype(np.float64)
+        twice = [lead for lead in self.config.leads if len(index[lead.lower()]) > 1]
+        if twice:
+            raise DataError(f"{where}: lead(s) {', '.join(twice)} appear more than once in the header; "
+                            "allowed: unique names for the configured leads")
+        return [index[lead.lower()][0] for lead in self.config.leads]
 
-    def _fix_length(self, x: np.ndarray, fs: float, where: str) -> np.ndarray:
+    def _fix_length(self, xs: list[np.ndarray], fs: list[float], n_frames: int, frame_fs: float,
+                    where: str) -> list[np.ndarray]:
+        """Crop or pad every lead to ``duration_s`` at its own rate; the decision is per record (in frames).
+
+        A record within half a frame of ``duration_s`` is kept whole (a non-integer rate such as
+        62.4725 Hz never gives exactly ``duration_s``); resampling then stretches it by under one frame.
+        """
         cfg = self.config
-        want = int(round(cfg.duration_s * fs))
-        n = x.shape[1]
-        if n == want:
-            return x
-        have = f"{n / fs:g} s ({n} samples at {fs:g} Hz)"
-        if n > want:
+        want_frames = int(round(cfg.duration_s * frame_fs))
+        if n_frames == want_frames:
+            return xs
+        have = f"{n_frames / frame_fs:g} s ({n_frames} samples at {frame_fs:g} Hz)"
+        wants = [int(round(cfg.duration_s * f)) for f in fs]
+        if n_frames > want_frames:
             if cfg.crop == "error":
                 raise DataError(f"{where}: {have} is longer than {cfg.duration_s:g} s; set crop to 'start' or 'center' to accept it")
-            start = 0 if cfg.crop == "start" else (n - want) // 2
-            return x[:, start:start + want]
+            starts = [0 if cfg.crop == "start" else (len(x) - w) // 2 for x, w in zip(xs, wants)]
+            return [x[s:s + w] for x, s, w in zip(xs, starts, wants)]
         if cfg.pad == "error":
             raise DataError(f"{where}: {have} is shorter than {cfg.duration_s:g} s; set pad to 'edge' or 'zero' to accept it")
         mode = "edge" if cfg.pad == "edge" else "constant"
         log.warning("%s: padded %s to %g s with %s values", where, have, cfg.duration_s, cfg.pad)
-        return np.pad(x, ((0, 0), (0, want - n)), mode=mode)
+        return [np.pad(x, (0, w - len(x)), mode=mode) for x, w in zip(xs, wants)]
 
-    def _fix_nans(self, x: np.ndarray, where: str) -> np.ndarray:
-        bad = np.isnan(x)
-        count = int(bad.sum())
+    def _fix_nans(self, xs: list[np.ndarray], where: str) -> list[np.ndarray]:
+        bad = [np.isnan(x) for x in xs]
+        count = int(sum(b.sum() for b in bad))
         if not count:
-            return x
+            return xs
         cfg = self.config
-        leads = [cfg.leads[i] for i in np.flatnonzero(bad.any(axis=1))]
+        leads = [cfg.leads[i] for i, b in enumerate(bad) if b.any()]
         desc = f"{count} NaN sample(s) in lead(s) {', '.join(leads)}"
         if cfg.nan_policy == "error":
             raise DataError(f"{where}: {desc}; set nan_policy to 'interpolate' or 'zero' to accept such records")
-        if count > cfg.max_nan_fraction * x.size:
+        if count > cfg.max_nan_fraction * sum(x.size for x in xs):
             raise DataError(f"{where}: {desc} exceed max_nan_fraction={cfg.max_nan_fraction:g} of the samples")
-        x = x.copy()
-        if cfg.nan_policy == "zero":
-            x[bad] = 0.0
-        else:
-            t = np.arange(x.shape[1])
-            for i in np.flatnonzero(bad.any(axis=1)):
-                ok = ~bad[i]
-                if not ok.any():
+        out = []
+        for i, (x, b) in enumerate(zip(xs, bad)):
+            if b.any():
+                x = x.copy()
+                if cfg.nan_policy == "zero":
+                    x[b] = 0.0
+                elif not (~b).any():
                     raise DataError(f"{where}: lead {cfg.leads[i]} is entirely NaN; nothing to interpolate from")
-                x[i, ~ok] = np.interp(t[~ok], t[ok], x[i, ok])
+                else:
+                    t = np.arange(x.size)
+                    x[b] = np.interp(t[b], t[~b], x[~b])
+            out.append(x)
         self.nan_filled_records += 1
         self.nan_filled_samples += count
         log.warning("%s: %s replaced by nan_policy=%s (records fixed so far: %d)", where, desc, cfg.nan_policy,
                     self.nan_filled_records)
-        return x
+        return out
+
+    def _resample(self, xs: list[np.ndarray]) -> np.ndarray:
+        """Fourier resampling of each lead to ``n_samples`` (``scipy.signal.resample``, as the reference)."""
+        from scipy.signal import resample
+
+        n_out = self.n_samples
+        if len({x.size for x in xs}) == 1:  # one rate (the usual 12-lead case): one call over all leads
+            x = np.stack(xs)
+            out = x if x.shape[1] == n_out else resample(x, n_out, axis=1)
+        else:  # several rates: each lead from its own length
+            out = np.stack([x if x.size == n_out else resample(x, n_out) for x in xs])
+        return np.ascontiguousarray(out, dtype=np.float32)
 
 
 @hookimpl

@@ -57,6 +57,8 @@ class LabModality(Modality):
     name: ClassVar[str] = "lab"
     placeholder: ClassVar[str] = "<lab>"
     record_field: ClassVar[str] = "lab"
+    cli_help: ClassVar[str] = "Symile-format labs CSV (the row is --lab-id, or the CSV's only row)"
+    cli_extras: ClassVar[dict[str, str]] = {"id": "row of --lab: its key column value (hadm_id by default)"}
     config_class: ClassVar[type[PluginConfig]] = LabConfig
 
     def __init__(self, **options: Any):
@@ -79,6 +81,24 @@ class LabModality(Modality):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+    def for_input(self, value: str, extras: dict[str, str]) -> tuple["LabModality", Path, str]:
+        """A reader of the user's CSV with this reader's training statistics (never refitted on one
+        row), the CSV's directory, and the row (``extras["id"]``, or the only row)."""
+        unknown = sorted(set(extras) - {"id"})
+        if unknown:
+            raise ValueError(f"unknown extra option(s) {unknown}; allowed: id")
+        path = Path(value).expanduser().resolve()
+        reader = type(self)(**{**self.config.model_dump(), "csv": str(path)})
+        if self._stats is not None:
+            reader.set_stats(self._stats)
+        key = extras.get("id")
+        if key is None:
+            rows = list(reader.table(path.parent).rows)
+            if len(rows) != 1:
+                raise DataError(f"labs CSV {path}: {len(rows)} rows; pick one with --lab-id (its {self.config.key_column})")
+            key = rows[0]
+        return reader, path.parent, str(key)
 
     def csv_path(self, root: Path) -> Path:
         return (Path(root) / self.config.csv).resolve()

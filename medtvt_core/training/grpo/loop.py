@@ -44,6 +44,7 @@ from ...errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
     "LOSS_TYPES",
+    "run_grpo",
     "CausalLMPolicy",
     "GRPOLoop",
     "GRPOPolicy",
@@ -299,31 +300,29 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 
 class MedTVTPolicy:
-    """:class:`GRPOPolicy` over :class:`medtvt_core.modeling.MedTVTModel` (modality tokens included).
+    """:class:`GRPOPolicy` over :class:`~medtvt_core.model.modeling.MedTVTForConditionalGeneration`.
 
     ``batch``: the collator's output (``prompts``, ``modality_mask``, ``modality_inputs`` and/or
-    ``modality_features``, optional ``ids``). Prompts go through the model's processor and are
-    never truncated (that could cut a placeholder): a prompt over ``max_prompt_length`` raises
-    :class:`DataError`. Generation and scoring are the model's own (KV-cached ``generate``,
-    ``per_token_logps`` with modality embeddings computed once per prompt).
-
-    Single process only: the model computes log-probs outside ``forward``, which DDP/FSDP hooks
-    never see; :meth:`prepare` refuses ``num_processes > 1``.
+    ``modality_features``, optional ``ids``). Prompts go through ``processor`` and are never
+    truncated (that could cut a placeholder): a prompt over ``max_prompt_length`` raises
+    :class:`DataError`. Generation is the model's KV-cached ``generate``; log-probs come from its
+    ``forward`` (``logits_to_keep``; the modality tokens of a prompt computed once for its G rows).
     """
 
-    def __init__(self, model: Any, *, max_prompt_length: int | None = None,
+    def __init__(self, model: Any, processor: Any, *, max_prompt_length: int | None = None,
                  generation_kwargs: Mapping[str, Any] | None = None):
         self.model = model
+        self.processor = processor
+        self._forward_module: nn.Module = model
         self.max_prompt_length = max_prompt_length
         self.generation_kwargs = dict(generation_kwargs or {})
-        eos = self.generation_kwargs.get("eos_token_id", model.tokenizer.eos_token_id)
-        self.eos_token_ids = [int(e) for e in ([eos] if isinstance(eos, int) else eos)]
+        self.eos_token_ids = list(processor.stop_token_ids)
 
     def prepare(self, accelerator: Any, *, evaluation_mode: bool = False) -> None:
         if accelerator.num_processes > 1:
-            raise ConfigError("MedTVTPolicy runs GRPO in one process only: MedTVTModel.per_token_logps is not "
-                              "its forward(), so DDP/FSDP would not synchronise its gradients")
+            raise ConfigError("GRPOLoop runs MedTVTPolicy in one process only")
         self.model = accelerator.prepare_model(self.model, evaluation_mode=evaluation_mode)
+        self._forward_module = self.model
         return None
 
     def train(self) -> "MedTVTPolicy":
@@ -335,7 +334,7 @@ class MedTVTPolicy:
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.trainable_parameters())
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _modal(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         dev = self.model.device
@@ -347,18 +346,20 @@ class MedTVTPolicy:
     def generate(self, batch: Mapping[str, Any], *, num_generations: int, temperature: float, top_p: float,
                  max_new_tokens: int) -> dict[str, Any]:
         prompts = list(batch["prompts"])
-        feats = self.model.processor.generation_features(prompts, self.max_prompt_length, ids=batch.get("ids"))
+        proc = self.processor
+        feats = proc.generation_features(prompts, self.max_prompt_length, ids=batch.get("ids"))
         if feats["index"].numel() != len(prompts):
             raise DataError(f"{len(prompts) - feats['index'].numel()} prompt(s) over max_prompt_length="
                             f"{self.max_prompt_length} were dropped; GRPO needs every prompt of the batch")
         dev = self.model.device
         pid, pmask = feats["input_ids"].to(dev), feats["attention_mask"].to(dev)
         kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-              "num_return_sequences": num_generations, **self.generation_kwargs}
+              "num_return_sequences": num_generations, "eos_token_id": self.eos_token_ids,
+              "pad_token_id": proc.pad_token_id, **self.generation_kwargs}
         new = self.model.generate(pid, pmask, **self._modal(batch), **kw)
         cmask = completion_mask_after_eos(new, self.eos_token_ids)
-        new = new.masked_fill(cmask == 0, self.model.processor.pad_token_id)
-        texts = self.model.processor.decode([c[m.bool()].tolist() for c, m in zip(new, cmask)])
+        new = new.masked_fill(cmask == 0, proc.pad_token_id)
+        texts = proc.decode([c[m.bool()].tolist() for c, m in zip(new, cmask)])
         return {"prompt_ids": pid.repeat_interleave(num_generations, 0),
                 "prompt_mask": pmask.repeat_interleave(num_generations, 0),
                 "completion_ids": new, "completion_mask": cmask, "batch_repeated": batch, "completions": texts}
@@ -367,10 +368,33 @@ class MedTVTPolicy:
                         prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, *,
                         temperature: float = 1.0) -> torch.Tensor:
         b = batch_repeated["modality_mask"].shape[0]
-        g = completion_ids.size(0) // b  # rows of one prompt are adjacent: take one per prompt
-        logps = self.model.per_token_logps(prompt_ids[::g], prompt_mask[::g], completion_ids, completion_mask,
-                                           **self._modal(batch_repeated), temperature=temperature)
+        g = completion_ids.size(0) // b  # rows of one prompt are adjacent
+        t = completion_ids.size(1)
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        am = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
+        # Only the logits that predict completion tokens: the last T+1 positions, minus the final one.
+        logits = self._forward_module(input_ids=ids, attention_mask=am, **self._modal(batch_repeated),
+                                      rows_per_sample=g, logits_to_keep=t + 1).logits[:, :-1]
+        logps = selective_log_softmax(logits.float() / temperature, completion_ids)
         return logps.masked_fill(completion_mask == 0, 0.0)
+
+
+def run_grpo(model: Any, processor: Any, dataset: Any, cfg: Any, reward_funcs: Sequence[Callable[..., Any]], *,
+             reward_names: Sequence[str], reward_weights: Sequence[float], output_dir: Path, seed: int,
+             device: str = "auto", resume: bool = False,
+             on_log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """RFT of ``model`` (trainable parameters already set) with :class:`GRPOLoop`; returns the history."""
+    from accelerate import Accelerator
+
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    policy = MedTVTPolicy(model, processor, max_prompt_length=cfg.max_prompt_length)
+    callbacks = [(lambda ev, loop, logs: on_log(logs) if ev == "log" and logs else None)] if on_log else []
+    loop = GRPOLoop(policy, reward_funcs, dataset, cfg, reward_weights=reward_weights, reward_names=reward_names,
+                    collate_fn=dataset.collator(), seed=seed, max_grad_norm=cfg.max_grad_norm, min_lr=cfg.min_lr,
+                    warmup_ratio=cfg.warmup_ratio, output_dir=output_dir, accelerator=Accelerator(cpu=use_cpu),
+                    callbacks=callbacks)
+    last = GRPOLoop.latest_checkpoint(output_dir) if resume else None
+    return loop.train(resume_from=last)
 
 
 # =========================================================================== the loop

@@ -1,7 +1,7 @@
 """GRPO math of TRL 1.16, as pure tensor functions: advantages, reward weighting, log-probs, the loss.
 
-Each mirrors ``trl/trainer/grpo_trainer.py`` (1.16); ``tests/test_grpo.py`` checks them against
-``GRPOTrainer`` itself on the same batch.
+Each mirrors ``trl/trainer/grpo_trainer.py`` (1.16); ``tests/test_grpo.py`` and
+``tests/test_grpo_parity.py`` check them against ``GRPOTrainer`` itself on the same batch.
 """
 
 from __future__ import annotations
@@ -113,6 +113,10 @@ def completion_mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: int |
     return (torch.arange(completion_ids.size(1), device=completion_ids.device)[None] <= first[:, None]).long()
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def grpo_loss(
     per_token_logps: torch.Tensor,
     old_per_token_logps: torch.Tensor | None,
@@ -120,70 +124,147 @@ def grpo_loss(
     advantages: torch.Tensor,
     completion_mask: torch.Tensor,
     *,
-    beta: float,
-    epsilon_low: float,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
-    loss_type: str = "grpo",
+    loss_type: str = "dapo",
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    num_processes: int = 1,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int = 1,
+    use_bias_correction_kl: bool = True,
+    delta: float | None = None,
+    entropies: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped GRPO objective of TRL 1.16 (token-level importance sampling).
+    """The loss ``GRPOTrainer._compute_loss`` of TRL 1.16 returns, and the metrics it logs.
 
-    ``ratio = exp(logp - old)`` (``old=None``: ``logp.detach()``, i.e. on-policy),
-    per token ``-min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A) + beta*k3`` with
-    ``k3 = exp(ref-logp) - (ref-logp) - 1``. Only tokens where ``completion_mask`` is 1 count.
-    Aggregation: ``grpo`` mean per sequence then over sequences; ``bnpo`` sum / mask tokens;
-    ``dr_grpo`` sum / (N * max_completion_length); ``dapo`` sum / ``num_items_in_batch`` (the
-    active tokens of the whole accumulation window divided by the process count, TRL's
-    normaliser; defaults to this batch's tokens). The loss is *not* divided by gradient
-    accumulation (the caller does, except for ``dapo``).
+    Covers ``importance_sampling_level="token"`` (TRL's default) without vLLM importance sampling,
+    entropy masking/bonus, off-policy masking or MoE aux loss (none is on by default). Defaults are
+    TRL 1.16's ``GRPOConfig`` defaults: ``beta=0.0``, ``epsilon=0.2``, ``epsilon_high=None`` (=
+    ``epsilon_low``), ``delta=None``, ``loss_type="dapo"``, ``use_bias_correction_kl=True``.
 
-    Returns ``(loss, metrics)``; metrics (detached 0-d tensors, means over active tokens): ``kl``
-    (when ``beta != 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``.
+    Per token (all of it differentiable, nothing detached but ``old`` itself)::
+
+        coef_1 = exp(logp - old)                      # old=None: logp.detach() (on-policy, value 1)
+        coef_2 = clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        coef_1 = clamp(coef_1, max=delta)             # only if delta is not None (two-sided clipping)
+        loss_t = -min(coef_1 * A, coef_2 * A)
+        kl_t   = exp(ref - logp) - (ref - logp) - 1   # k3; only if beta != 0
+        kl_t   = kl_t * exp(logp - old)               # use_bias_correction_kl: the *unclipped* ratio,
+                                                      # differentiable (changes the gradient even on-policy)
+        loss_t = loss_t + beta * kl_t
+
+    Only tokens with ``completion_mask`` 1 count. Aggregation, with ``S = sum(loss_t * mask)``:
+
+    - ``grpo``: ``mean_i(sum_t / max(len_i, 1)) / gradient_accumulation_steps``
+    - ``bnpo``: ``S / max(sum(mask), 1) / gradient_accumulation_steps``
+    - ``dr_grpo``: ``S / (B * max_completion_length) / gradient_accumulation_steps``
+    - ``dapo``: ``S / (max(num_items_in_batch, 1) / num_processes * gradient_accumulation_steps
+      / steps_per_generation)``; ``num_items_in_batch=None`` means ``sum(mask)`` of this batch.
+
+    To get exactly TRL's value, pass (in train mode):
+
+    - ``num_items_in_batch``: TRL's ``inputs["num_items_in_batch"]``, i.e.
+      ``accelerator.gather(loss_mask.sum()).sum()`` computed once per *generation batch* in
+      ``_generate_and_score_completions``: the active completion tokens (``completion_mask``, times
+      ``tool_mask`` if any, after ``mask_truncated_completions``) of all ``steps_per_generation``
+      micro-batches of that generation batch, summed over all processes. The same number for every
+      micro-batch sliced from it (and for every ``num_iterations`` pass over it); not pre-divided.
+    - ``num_processes``: ``accelerator.num_processes``.
+    - ``gradient_accumulation_steps``: the Trainer's ``current_gradient_accumulation_steps`` (set by
+      transformers per accumulation window; smaller for a truncated last window).
+    - ``steps_per_generation``: ``args.steps_per_generation``.
+
+    In eval mode TRL uses no accumulation: pass ``gradient_accumulation_steps=1`` and
+    ``steps_per_generation=1`` (then ``dapo`` is ``S / (num_items / num_processes)``, the others
+    are undivided). The returned loss is final: like TRL (``loss_is_scaled_for_ga = True``), the
+    caller must not divide it by the accumulation steps again; under DDP the gradient average over
+    processes is what ``num_processes`` accounts for. With the defaults ``num_processes=1``,
+    ``gradient_accumulation_steps=1``, ``steps_per_generation=1`` the function returns the
+    unscaled per-batch loss (``dapo``: ``S / num_items_in_batch``).
+
+    Returns ``(loss, metrics)``; metrics are detached 0-d tensors, computed as TRL logs them:
+    ``kl`` (only when ``beta != 0``; the bias-corrected value when the correction is on),
+    ``entropy`` (only if ``entropies`` is given), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean`` (masked means over active tokens, ``low``: ``coef_1 < 1-eps_low`` and
+    ``A < 0``, ``high``: ``coef_1 > 1+eps_high`` and ``A > 0``, with ``coef_1`` after the ``delta``
+    clamp as in TRL), ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences
+    of the per-sequence clip fraction, NaN-ignoring; sequences without active tokens are skipped).
+    Multi-process: TRL's ``global_masked_mean`` sums ``[sum, count]`` over processes before
+    dividing, and the min/max are over gathered sequences. Pass ``reduce`` (sum over processes,
+    e.g. ``lambda t: accelerator.reduce(t, reduction="sum")``) and ``gather`` (concatenate over
+    processes along dim 0, e.g. ``accelerator.gather``) to get those global values; both are
+    collective, so every process must call this function. Without them the metrics are local.
     """
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+    if beta != 0.0 and ref_per_token_logps is None:
+        raise ValueError("beta != 0 needs ref_per_token_logps")
+    if min(num_processes, gradient_accumulation_steps, steps_per_generation) < 1:
+        raise ValueError("num_processes, gradient_accumulation_steps and steps_per_generation must be >= 1")
+    reduce = reduce or _identity
+    gather = gather or _identity
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    mask = completion_mask.to(per_token_logps.dtype)
+    mask = completion_mask  # as TRL: kept in its own dtype (exact token counts even for bf16 log-probs)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+
     coef_1 = torch.exp(per_token_logps - old)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
-    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
     per_token_kl = None
     if beta != 0.0:
-        if ref_per_token_logps is None:
-            raise ValueError("beta != 0 needs ref_per_token_logps")
-        diff = ref_per_token_logps - per_token_logps
+        diff = ref_per_token_logps - per_token_logps  # type: ignore[operator]
         per_token_kl = torch.exp(diff) - diff - 1
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if per_token_kl is not None:
         per_token_loss = per_token_loss + beta * per_token_kl
 
     masked = per_token_loss * mask
     if loss_type == "grpo":
-        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / gradient_accumulation_steps
     elif loss_type == "bnpo":
-        loss = masked.sum() / mask.sum().clamp(min=1.0)
+        loss = masked.sum() / mask.sum().clamp(min=1.0) / gradient_accumulation_steps
     elif loss_type == "dr_grpo":
-        if not max_completion_length:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        loss = masked.sum() / (per_token_loss.size(0) * max_completion_length)
+        loss = masked.sum() / (per_token_loss.size(0) * max_completion_length) / gradient_accumulation_steps
     else:  # dapo
         n = (mask.sum() if num_items_in_batch is None
-             else torch.as_tensor(num_items_in_batch, dtype=mask.dtype, device=mask.device))
-        loss = masked.sum() / n.clamp(min=1.0)
+             else torch.as_tensor(num_items_in_batch, device=per_token_loss.device))
+        normalizer = n.clamp(min=1.0) / num_processes
+        normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
+        loss = masked.sum() / normalizer
 
     with torch.no_grad():
-        denom = mask.sum().clamp(min=1.0)
+        def global_masked_mean(x: torch.Tensor) -> torch.Tensor:
+            totals = reduce(torch.stack([(x * mask).sum(), mask.sum().float()]))
+            return totals[0] / totals[1].clamp(min=1.0)
 
-        def mmean(x: torch.Tensor) -> torch.Tensor:
-            return (x.to(mask.dtype) * mask).sum() / denom
+        def masked_seq_mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * mask).sum(-1) / mask.sum(-1)  # NaN for rows without active tokens, as TRL
 
-        low = (coef_1 < 1 - epsilon_low) & (adv < 0)
-        high = (coef_1 > 1 + eps_high) & (adv > 0)
-        metrics = {"clip_ratio/low_mean": mmean(low), "clip_ratio/high_mean": mmean(high),
-                   "clip_ratio/region_mean": mmean(low | high)}
+        def nan_extreme(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            keep = ~torch.isnan(x)
+            return fn(x[keep]) if keep.any() else torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
+
+        low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).float()
+        high = ((coef_1 > 1 + eps_high) & (adv > 0)).float()
+        region = ((low + high) > 0).float()
+        metrics: dict[str, torch.Tensor] = {}
         if per_token_kl is not None:
-            metrics["kl"] = mmean(per_token_kl)
+            metrics["kl"] = global_masked_mean(per_token_kl.detach())
+        if entropies is not None:
+            metrics["entropy"] = global_masked_mean(entropies.detach())
+        metrics["clip_ratio/low_mean"] = global_masked_mean(low)
+        metrics["clip_ratio/high_mean"] = global_masked_mean(high)
+        metrics["clip_ratio/region_mean"] = global_masked_mean(region)
+        metrics["clip_ratio/low_min"] = nan_extreme(gather(masked_seq_mean(low)), torch.min)
+        metrics["clip_ratio/high_max"] = nan_extreme(gather(masked_seq_mean(high)), torch.max)
     return loss, metrics
-
-

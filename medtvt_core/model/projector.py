@@ -3,6 +3,8 @@
 ``Linear(in_dim -> out_dim)`` followed by ``blocks`` residual SwiGLU blocks, each
 ``x = x + W2(silu(W1 norm(x)) * W3 norm(x))`` with one RMSNorm per block and bias-free
 ``out_dim x out_dim`` linears.  Maps ``[B, K, in_dim] -> [B, K, out_dim]`` (any leading dims).
+With ``normalize_input`` the input is first L2-normalised over its features (``F.normalize``),
+as the reference code does for the pooled ECG vector, the pooled CXR token and the lab feature.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-__all__ = ["DenseProjector", "SwiGLUBlock"]
+__all__ = ["DenseProjector", "FeatureStandardizer", "SwiGLUBlock"]
 
 
 class SwiGLUBlock(nn.Module):
@@ -36,7 +38,7 @@ class SwiGLUBlock(nn.Module):
 class DenseProjector(nn.Module):
     """``Linear(in_dim, out_dim)`` then ``blocks`` :class:`SwiGLUBlock`; ``[..., in_dim] -> [..., out_dim]``."""
 
-    def __init__(self, in_dim: int, out_dim: int, blocks: int = 3, eps: float = 1e-6):
+    def __init__(self, in_dim: int, out_dim: int, blocks: int = 3, eps: float = 1e-6, normalize_input: bool = False):
         super().__init__()
         if in_dim < 1 or out_dim < 1:
             raise ConfigError(f"projector: in_dim and out_dim must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
@@ -44,12 +46,15 @@ class DenseProjector(nn.Module):
             raise ConfigError(f"projector: blocks must be >= 0, got {blocks}")
         self.in_dim = in_dim
         self.out_dim = out_dim
+        self.normalize_input = normalize_input
         self.proj = nn.Linear(in_dim, out_dim)
         self.blocks = nn.ModuleList(SwiGLUBlock(out_dim, eps=eps) for _ in range(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"DenseProjector: last dim of input {tuple(x.shape)} is not in_dim={self.in_dim}")
+        if self.normalize_input:
+            x = F.normalize(x, dim=-1)
         x = self.proj(x)
         for block in self.blocks:
             x = block(x)

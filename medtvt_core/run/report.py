@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from ..config import RunConfig
 
 
 def _fmt(x: Any) -> str:

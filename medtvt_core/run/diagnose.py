@@ -1,0 +1,114 @@
+"""One patient -> one generated report, from a saved model (``medtvt diagnose``).
+
+The model directory is self-contained: the readers (with their training statistics), the
+tokenizer and the default question come from its processor, so neither the run's data nor its
+configuration is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import ConfigError, DataError
+
+__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch"]
+
+
+def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
+    """``<run>/<stage>/final`` (default: the last stage of the run that completed)."""
+    from ..model.serialization import is_saved_model
+    from .orchestrator import FINAL
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir}: not a medtvt run directory (no config.yaml)")
+    stages = [stage] if stage else ["rft", "sft", "pt"]
+    for s in stages:
+        d = run_dir / s / FINAL
+        if is_saved_model(d):
+            return d
+    want = f"stage {stage!r}" if stage else "any stage"
+    raise ConfigError(f"--run {run_dir}: {want} has no completed model ({run_dir / (stage or '<stage>') / FINAL})")
+
+
+def load_model_dir(model_dir: Path, *, device: str | None = None, catalog: Any = None) -> tuple[Any, Any]:
+    """``(model, processor)`` saved in ``model_dir``, in eval mode."""
+    from ..model.modeling import MedTVTForConditionalGeneration
+    from ..model.processing import MedTVTProcessor
+
+    model = MedTVTForConditionalGeneration.from_pretrained(model_dir, catalog=catalog, device_map=device)
+    processor = MedTVTProcessor.from_pretrained(model_dir, catalog=catalog)
+    model.eval()
+    return model, processor
+
+
+def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]],
+                  question: str | None = None) -> dict[str, Any]:
+    """The batch of one patient: ``inputs`` maps modality -> (value, extra options) as given on the
+    command line; absent modalities are masked and their placeholders replaced by text."""
+    unknown = [m for m in inputs if m not in model.modalities]
+    if unknown:
+        raise ConfigError(f"--{unknown[0]}: the model has no {unknown[0]} modality "
+                          f"(modalities: {', '.join(model.modalities)})")
+    if not inputs:
+        raise ConfigError("give at least one input: " + ", ".join(f"--{m}" for m in model.modalities))
+    q = question or processor.default_question
+    if not q:
+        raise ConfigError("the model holds no default question; pass --question with the placeholders "
+                          + ", ".join(processor.placeholders[m] for m in model.modalities))
+    mask = torch.zeros(1, len(model.modalities), dtype=torch.bool)
+    tensors: dict[str, torch.Tensor] = {}
+    for j, m in enumerate(model.modalities):
+        ph = processor.placeholders[m]
+        if m not in inputs:
+            q = q.replace(ph, f"({m} not available)")
+            continue
+        if q.count(ph) != 1:
+            raise ConfigError(f"--question must hold the placeholder {ph} once for the given --{m} input")
+        value, extras = inputs[m]
+        try:
+            reader, root, ref = processor.readers[m].for_input(value, dict(extras))
+        except ValueError as exc:
+            raise ConfigError(f"--{m}: {exc}") from None
+        x = reader.load(ref, root=root, train=False)
+        if tuple(x.shape) != tuple(reader.sample_shape) or not torch.isfinite(x).all():
+            raise DataError(f"--{m} {value}: the reader gave shape {tuple(x.shape)} or non-finite values "
+                            f"(expected {tuple(reader.sample_shape)})")
+        mask[0, j] = True
+        tensors[m] = x.unsqueeze(0)
+    return {"prompts": [q], "modality_mask": mask, "modality_inputs": tensors, "modality_features": {}}
+
+
+@torch.no_grad()
+def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]], *,
+             question: str | None = None, max_new_tokens: int | None = None,
+             attribution: bool = True, samples: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Report, disease set, modality weights and (optionally) per-disease attributions of one patient.
+
+    Returns ``{"report", "diseases" (None without a valid answer block), "modality_weights"
+    (None when the fusion weighs none), "attribution", "modalities_given", "question"}``.
+    """
+    from ..answers import answer_set
+
+    batch = patient_batch(model, processor, inputs, question)
+    feats = processor.generation_features(batch["prompts"])
+    modal = {k: batch[k] for k in ("modality_mask", "modality_inputs", "modality_features")}
+    new = model.generate(feats["input_ids"], feats["attention_mask"], **modal, do_sample=False,
+                         max_new_tokens=max_new_tokens or processor.max_new_tokens,
+                         eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
+    text = processor.decode(new)[0]
+    _, w = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
+    weights = None if w is None else {m: float(w[0, j]) for j, m in enumerate(model.modalities)
+                                      if bool(batch["modality_mask"][0, j])}
+    found = answer_set(text)
+    out = {"report": text, "diseases": sorted(found) if found is not None else None, "modality_weights": weights,
+           "modalities_given": [m for m in model.modalities if m in inputs], "question": batch["prompts"][0]}
+    if attribution:
+        from .attribution import patient_attribution
+
+        out["attribution"] = patient_attribution(model, processor, batch, text, samples=samples, seed=seed,
+                                                 max_new_tokens=max_new_tokens)
+    return out

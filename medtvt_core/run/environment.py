@@ -1,0 +1,60 @@
+"""``environment.json`` of a run: what a result depends on besides the configuration.
+
+Package versions, the installed plugin distributions (and their versions), torch's thread count,
+the device, the process count and whether deterministic algorithms were on.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["environment", "write_environment", "set_deterministic"]
+
+PACKAGES = ("medtvt", "torch", "torchvision", "transformers", "peft", "trl", "accelerate", "tokenizers", "timm",
+            "wfdb", "numpy", "scipy", "pandas", "scikit-learn", "pillow", "nltk", "rouge-score", "sacrebleu",
+            "bert-score", "safetensors", "pydantic")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def set_deterministic(on: bool) -> None:
+    """Deterministic algorithms on or off (CUDA also needs ``CUBLAS_WORKSPACE_CONFIG``)."""
+    import os
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
+def environment(catalog: Any, *, device: str, world_size: int = 1) -> dict[str, Any]:
+    dists = sorted({d for d in catalog.plugins.values() if d not in ("?", "<manual>")})
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "plugins": {name: dist for name, dist in sorted(catalog.plugins.items())},
+        "plugin_distributions": {d: _version(d) for d in dists},
+        "plugin_failures": [str(f) for f in catalog.failures],
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "world_size": world_size,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def write_environment(path: Path, cfg: Any, catalog: Any, *, world_size: int = 1) -> None:
+    from .orchestrator import device_of, write_json
+
+    write_json(path, environment(catalog, device=str(device_of(cfg)), world_size=world_size))

@@ -1,0 +1,217 @@
+"""Evaluation of a model on a QA split: generation (KV cache), clinical efficacy, NLG metrics,
+mean rewards and modality weights per disease.
+
+With several processes each generates a shard of the records and the main process gathers them
+(``accelerate.utils.gather_object``), so every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import EvalConfig
+
+log = logging.getLogger("medtvt.eval")
+
+__all__ = ["generate_reports", "evaluate_records", "evaluate_model", "mean_rewards", "reward_values", "weights_by_disease",
+           "write_predictions"]
+
+
+@torch.no_grad()
+def generate_reports(model: Any, processor: Any, dataset: Any, *, batch_size: int = 8, max_new_tokens: int = 600,
+                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     limit: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """One generated report per record: ``id``, ``prompt``, ``reference``, ``prediction``,
+    ``weights`` (modality -> weight, or None when the fusion does not weigh modalities)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = list(range(n))[state.process_index::state.num_processes]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         shuffle=False, collate_fn=dataset.collator())
+    was_training = model.training
+    model.eval()
+    records: list[dict[str, Any]] = []
+    for batch in tqdm(loader, desc="eval", disable=not progress or not state.is_main_process, leave=False):
+        if not batch["ids"]:
+            continue
+        feats = processor.generation_features(batch["prompts"])
+        modal = dict(modality_mask=batch["modality_mask"], modality_inputs=batch["modality_inputs"],
+                     modality_features=batch["modality_features"])
+        new = model.generate(feats["input_ids"], feats["attention_mask"], **modal, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
+        texts = processor.decode(new)
+        _, weights = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
+        for i, text in enumerate(texts):
+            w = None if weights is None else {m: float(weights[i, j]) for j, m in enumerate(model.modalities)
+                                             if bool(batch["modality_mask"][i, j])}
+            records.append({"id": batch["ids"][i], "prompt": batch["prompts"][i], "reference": batch["answers"][i],
+                            "prediction": text, "weights": w})
+    model.train(was_training)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        # Every rank's list, in rank order; then the dataset order (ids are unique).
+        rank_of = {dataset.records[i].id: i for i in range(n)}
+        records = sorted(gather_object(records), key=lambda r: rank_of[r["id"]])
+    return records
+
+
+def weights_by_disease(records: Sequence[dict[str, Any]], diseases: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean modality weight over the test samples whose reference contains each disease."""
+    from ..answers import answer_set
+
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if not r.get("weights"):
+            continue
+        truth = answer_set(r["reference"]) or set()
+        for d in truth:
+            for m, w in r["weights"].items():
+                acc.setdefault(d, {}).setdefault(m, []).append(w)
+    return {d: {m: sum(v) / len(v) for m, v in acc[d].items()} for d in diseases if d in acc}
+
+
+def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> list[float | None]:
+    """Per record, the weighted sum of the rewards (``None`` where every reward is undefined)."""
+    if catalog is None:
+        from ..plugins import get_catalog
+
+        catalog = get_catalog()
+    prompts = [r["prompt"] for r in records]
+    comps = [r["prediction"] for r in records]
+    refs = [r["reference"] for r in records]
+    cols = [(rr.weight, catalog.rewards.get(rr.name)(prompts=prompts, completions=comps, answer=refs)) for rr in rewards]
+    out: list[float | None] = []
+    for i in range(len(records)):
+        vals = [(w, c[i]) for w, c in cols if c[i] is not None]
+        out.append(sum(w * v for w, v in vals) if vals else None)
+    return out
+
+
+def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> dict[str, float]:
+    """Mean of each configured reward on the reports, and their weighted ``total``."""
+    if catalog is None:
+        from ..plugins import get_catalog
+
+        catalog = get_catalog()
+    prompts = [r["prompt"] for r in records]
+    comps = [r["prediction"] for r in records]
+    refs = [r["reference"] for r in records]
+    out: dict[str, float] = {}
+    total = 0.0
+    for rr in rewards:
+        vals = [v for v in catalog.rewards.get(rr.name)(prompts=prompts, completions=comps, answer=refs) if v is not None]
+        out[rr.name] = sum(vals) / max(len(vals), 1)
+        total += rr.weight * out[rr.name]
+    out["total"] = total
+    return out
+
+
+def evaluate_records(records: Sequence[dict[str, Any]], cfg: EvalConfig, *, train_answers: Sequence[str] = ()) -> dict[str, Any]:
+    """Clinical efficacy + NLG metrics (+ majority baseline when ``train_answers`` are given)."""
+    from ..data.labels import DISEASES
+    from ..metrics import compute_all, majority_baseline
+
+    preds = [r["prediction"] for r in records]
+    refs = [r["reference"] for r in records]
+    res = compute_all(preds, refs, metrics=list(cfg.metrics), wordnet_dir=cfg.wordnet_dir,
+                      bertscore_model=cfg.bertscore_model, bertscore_layers=cfg.bertscore_layers)
+    res["n"] = len(records)
+    res["modality_weights"] = weights_by_disease(records, DISEASES)
+    if train_answers:
+        # Both majority-class baselines; the stronger one is what a model has to beat.
+        base = {s: majority_baseline(list(train_answers), refs, strategy=s) for s in ("per_category", "most_frequent_set")}
+        best = max(base, key=lambda s: base[s]["f1"])
+        res["baseline"] = {**base[best], "strategy": best, "all": base}
+    return res
+
+
+def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *, rewards: Sequence[Any] = (),
+                   train_answers: Sequence[str] = (), predictions_path: Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Generate the split's reports, write them to ``predictions_path`` (JSON lines) and score them."""
+    records = generate_reports(model, processor, dataset, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                               do_sample=cfg.do_sample, limit=cfg.limit, progress=progress)
+    if predictions_path is not None:
+        write_predictions(records, predictions_path)
+    res = evaluate_records(records, cfg, train_answers=train_answers)
+    if rewards:
+        res["reward"] = mean_rewards(records, rewards)
+    return res
+
+
+def write_predictions(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """JSON lines, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, model_dir: Path | None = None,
+                   data_root: Path | None = None, split: str = "test", sets: Sequence[str] = (),
+                   progress: bool = True) -> dict[str, Any]:
+    """``medtvt eval``: a saved model (``model_dir``, or the stage of ``run_dir``) on a split.
+
+    With ``run_dir`` the run's own test split, feature cache and evaluation settings are used (so
+    the numbers of its ``metrics.json`` are reproduced) and its ``metrics.json`` is updated.
+    """
+    from ..config import resolve_config
+    from ..data.cache import FeatureCache, encode_dataset
+    from ..data.dataset import open_splits
+    from ..data.manifest import read_manifest
+    from .diagnose import load_model_dir, model_dir_of_run
+    from .orchestrator import write_json
+
+    if run_dir is not None:
+        cfg = resolve_config(config_file=Path(run_dir) / "config.yaml", sets=list(sets))
+        model_dir = model_dir_of_run(Path(run_dir), stage)
+        root = Path(cfg.data.root) if cfg.data.root is not None else Path(run_dir) / "data"
+        train_file, test_file = cfg.data.train_file, cfg.data.test_file
+        cache_dir = (cfg.data.cache_dir or Path(run_dir) / "cache") if cfg.data.use_cache else None
+    else:
+        cfg = resolve_config(sets=list(sets))
+        root = Path(data_root)
+        qa = (read_manifest(root) or {}).get("qa") or {}
+        test_file = qa.get(split) or f"qa/disease_{split}.json"
+        train_file = qa.get("train") if split != "train" else None
+        cache_dir = None
+    model, processor = load_model_dir(Path(model_dir))
+    from .orchestrator import device_of
+
+    model.to(device_of(cfg))
+    train_file = train_file if train_file and (root / train_file).is_file() else None
+    splits = open_splits(root, modalities=processor.readers, train_file=train_file, test_file=test_file,
+                         on_bad_sample=cfg.data.on_bad_sample, fit_stats=False, persist_stats=False)
+    test = splits["test"]
+    if cache_dir is not None:
+        test.attach_cache(dict(model.encoders), FeatureCache(cache_dir))
+        encode_dataset(test, batch_size=32)
+    stage = stage or Path(model_dir).parent.name
+    res = evaluate_model(model, processor, test, cfg.eval, rewards=cfg.rewards,
+                         train_answers=[r.answer for r in splits["train"].records] if "train" in splits else (),
+                         predictions_path=(Path(run_dir) / "eval" / f"{stage}.jsonl") if run_dir else None,
+                         progress=progress)
+    if run_dir is not None:
+        path = Path(run_dir) / "metrics.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        summary.setdefault("stages", {})[stage] = res
+        if "baseline" in res:
+            summary["baseline"] = res["baseline"]
+        write_json(path, summary)
+    ce = res["ce"]
+    return {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
+            "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
+            "baseline_f1": res.get("baseline", {}).get("f1")}

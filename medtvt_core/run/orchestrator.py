@@ -1,0 +1,415 @@
+"""The orchestrator: one :class:`RunConfig` -> data -> model -> PT -> SFT -> RFT -> eval -> report.
+
+Run directory::
+
+    config.yaml            the resolved configuration
+    environment.json       package versions, plugin distributions, threads, device, determinism
+    <stage>/checkpoint-N/  Trainer checkpoints of a stage (each a complete saved model)
+    <stage>/final/         the stage's model: MedTVTForConditionalGeneration + MedTVTProcessor,
+                           loadable with AutoModel.from_pretrained, nothing else needed
+    eval/<stage>.jsonl     generated reports of the test split
+    history.json           loss / reward curves of every stage
+    metrics.json           per stage: clinical efficacy, NLG metrics, rewards; the baseline; world_size
+    report.md, *.png       tables and plots
+
+``--resume`` skips completed stages (the model continues from the last completed ``final/``) and
+continues an interrupted one from its last checkpoint.  With a ``stage_store`` (``medtvt
+ablate``), a completed stage is stored under a key of everything it depends on, so variants
+whose earlier stages are identical reuse it.  With several processes (``torchrun``,
+``accelerate launch``) only the main process writes; the others wait at a barrier and read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import RunConfig, dump_config
+from ..errors import ConfigError
+
+log = logging.getLogger("medtvt.run")
+
+FINAL = "final"
+
+
+def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
+    """Hash of everything the result of ``stage`` depends on (the stages before it included)."""
+    upto = cfg.stages[: cfg.stages.index(stage) + 1]
+    dump = json.loads(cfg.model_dump_json())
+    part: dict[str, Any] = {
+        "seed": cfg.seed,
+        "data": {**{k: v for k, v in dump["data"].items() if k not in ("cache_dir", "num_workers", "use_cache")},
+                 "modality_options": cfg.modality_options_in_use},
+        # A synthetic cohort is defined by data.synth (already in "data"), not by where it was written.
+        "data_root": str(data_root.resolve()) if cfg.data.root is not None else None,
+        "modalities": cfg.modalities,
+        "encoders": {m: dump["encoders"][m] for m in cfg.modalities},
+        "projector": dump["projector"],
+        "llm": dump["llm"],
+        "prompt": dump["prompt"],
+        "stages": upto,
+        **{s: dump[s] for s in upto},
+    }
+    if uses_fusion(upto):
+        part["fusion"] = dump["fusion"]  # PT runs without fusion: its result does not depend on it
+    if "rft" in upto:
+        part["rewards"] = dump["rewards"]
+    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def uses_fusion(stages: list[str] | tuple[str, ...]) -> bool:
+    """Whether the result of these stages depends on the fusion layer (PT runs without it)."""
+    return any(s != "pt" for s in stages)
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (temp file in the same directory, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class SupervisedCollator:
+    """Dataset items -> model inputs: the data collator, then the processor (answer-only labels)."""
+
+    def __init__(self, data_collator: Callable[[list[Any]], dict[str, Any]], processor: Any, max_length: int):
+        self.data_collator = data_collator
+        self.processor = processor
+        self.max_length = max_length
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        batch = self.data_collator(items)
+        feats = self.processor.train_features(batch["prompts"], batch["answers"], self.max_length, ids=batch["ids"])
+        keep = feats.pop("index", None)
+        mask = batch["modality_mask"]
+        inputs, features = batch["modality_inputs"], batch["modality_features"]
+        if keep is not None and keep.numel() != len(batch["prompts"]):
+            from ..model.processing import subset_modalities
+
+            names = batch["modality_names"]
+            inputs = subset_modalities(mask, inputs, names, keep)
+            features = subset_modalities(mask, features, names, keep)
+            mask = mask[keep]
+        return {**feats, "modality_mask": mask, "modality_inputs": inputs, "modality_features": features}
+
+
+def device_of(cfg: RunConfig) -> torch.device:
+    dev = cfg.device
+    if dev == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={dev!r} but no CUDA device is available; use device=cpu or auto")
+    return torch.device(dev)
+
+
+class Run:
+    """One training + evaluation run (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, stage_store: Path | None = None,
+                 progress: bool = True, echo: Callable[[str], None] = print):
+        from accelerate import PartialState
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.resume = resume
+        self.stage_store = stage_store
+        self.progress = progress
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.metrics: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        # Under torchrun / accelerate launch this joins the process group (gloo on CPU).
+        self.dist = PartialState(cpu=device_of(cfg).type == "cpu")
+        self.is_main = self.dist.is_main_process
+        self.echo = echo if self.is_main else (lambda s: None)
+        self.model: Any = None
+        self.processor: Any = None
+
+    def barrier(self) -> None:
+        self.dist.wait_for_everyone()
+
+    # ------------------------------------------------------------------ setup
+    def _check_run_dir(self) -> None:
+        saved = self.out / "config.yaml"
+        if saved.is_file():
+            if not self.resume:
+                raise ConfigError(f"run directory {self.out} already holds a run; pass --resume to continue it "
+                                  f"or --out to start a new one")
+            if saved.read_text() != dump_config(self.cfg):
+                raise ConfigError(f"--resume: the configuration differs from {saved}; resume with the same "
+                                  f"options (or start a new run with --out)")
+
+    def setup(self) -> None:
+        """Data, readers and splits; the model is made (or loaded) by :meth:`execute`."""
+        from ..build import build_readers, validate_run
+        from ..data.dataset import open_splits
+        from ..data.synth import ensure_synthetic
+        from ..plugins import get_catalog
+
+        from .environment import set_deterministic
+
+        cfg = self.cfg
+        catalog = get_catalog()
+        validate_run(cfg, catalog)
+        self._check_run_dir()
+        set_deterministic(cfg.deterministic)
+        if self.is_main:
+            from ..config import write_config
+            from .environment import write_environment
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_config(cfg, self.out / "config.yaml")
+            write_environment(self.out / "environment.json", cfg, catalog, world_size=self.dist.num_processes)
+        t0 = time.perf_counter()
+        if cfg.data.root is None:
+            s = cfg.data.synth
+            if self.is_main:
+                ensure_synthetic(self.out / "data", **s.generator_options())
+            self.barrier()
+            self.data_root = self.out / "data"
+        else:
+            self.data_root = Path(cfg.data.root)
+        self.timings["data"] = time.perf_counter() - t0
+        seed_everything(cfg.seed)
+        self.readers = build_readers(cfg.modalities, cfg.modality_options_in_use, catalog)
+        self.splits = open_splits(
+            self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
+            train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
+            catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        self.barrier()
+
+    def _attach_cache(self) -> None:
+        """Frozen features: encoded once by the main process (the others wait, then read)."""
+        from ..data.cache import FeatureCache, encode_dataset
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if cfg.data.use_cache:
+            cache = FeatureCache(cfg.data.cache_dir or (self.out / "cache"))
+            ids = {m: e.identity() for m, e in self.model.encoders.items()}
+            failed: dict[str, list[tuple[str, str]]] = {}
+            for name, ds in self.splits.items():
+                ds.attach_cache(dict(self.model.encoders), cache, encoder_ids=ids)
+                if self.is_main:
+                    rep = encode_dataset(ds, batch_size=32, num_workers=cfg.data.num_workers)
+                    failed[name] = [(m, ref, msg) for m, r in rep.items() for ref, msg in r["failed"]]
+            failed = self._broadcast(failed)
+            if not self.is_main:  # drop what the main process could not read, so every rank holds the same records
+                for name, ds in self.splits.items():
+                    for m, ref, msg in failed.get(name, []):
+                        ds.drop_reference(m, ref, msg)
+        self.timings["encode"] = time.perf_counter() - t0
+        for name, ds in self.splits.items():
+            if ds.skipped:
+                self.echo(f"{name}: skipped {len(ds.skipped)} bad sample(s): {ds.skipped[0]}"
+                          + (" ..." if len(ds.skipped) > 1 else ""))
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.dist.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+    # ------------------------------------------------------------------ model
+    def _stage_dir(self, stage: str) -> Path:
+        if self.stage_store is not None:
+            return self.stage_store / f"{stage}-{stage_key(self.cfg, stage, self.data_root)}"
+        return self.out / stage
+
+    def completed(self, stage: str) -> bool:
+        from ..model.serialization import is_saved_model
+
+        return is_saved_model(self._stage_dir(stage) / FINAL)
+
+    def _corpus(self) -> list[str]:
+        from ..data.schema import read_qa_file
+
+        texts: list[str] = []
+        classes = [type(m) for m in self.readers.values()]
+        for f in [*self.cfg.data.pt_files, self.cfg.data.train_file]:
+            path = self.data_root / f
+            if path.is_file():
+                recs = read_qa_file(path, classes, label=f)[0]
+                texts += [t for r in recs for t in (r.question, r.answer)]
+        return texts
+
+    def _default_question(self) -> str | None:
+        qs = Counter(r.question for r in self.splits["train"].records) if "train" in self.splits else Counter()
+        return qs.most_common(1)[0][0] if qs else None
+
+    def new_model(self) -> None:
+        """A fresh model (tokenizer trained or read, base prepared), the cache, feature statistics."""
+        from ..build import new_model
+        from ..plugins import get_catalog
+
+        seed_everything(self.cfg.seed)
+        self.model, self.processor = new_model(self.cfg, get_catalog(), corpus=self._corpus,
+                                               default_question=self._default_question(), readers=self.readers)
+        self.model.to(device_of(self.cfg))
+        self._attach_cache()
+        if self.cfg.projector.standardize_features:
+            self._fit_feature_norms()
+
+    def load_stage(self, stage: str) -> None:
+        """The model of a completed stage (its ``final/``), with this run's readers."""
+        from ..model.modeling import MedTVTForConditionalGeneration
+        from ..model.processing import MedTVTProcessor
+        from ..plugins import get_catalog
+
+        final = self._stage_dir(stage) / FINAL
+        self.model = MedTVTForConditionalGeneration.from_pretrained(final, catalog=get_catalog())
+        self.processor = MedTVTProcessor.from_pretrained(final, catalog=get_catalog())
+        self.processor.readers = dict(self.readers)
+        self.model.to(device_of(self.cfg))
+        self._attach_cache()
+
+    @torch.no_grad()
+    def _fit_feature_norms(self) -> None:
+        """Per-channel mean/std of every modality's frozen features over the training splits."""
+        for m in self.cfg.modalities:
+            self.model.feature_norms[m].fit(self._training_features(m))
+
+    def _training_features(self, m: str):
+        for split in ("pt", "train"):
+            ds = self.splits.get(split)
+            for i in range(len(ds) if ds is not None else 0):
+                it = ds[i]
+                if it is None or not it["present"].get(m):
+                    continue
+                f = it["features"].get(m)
+                if f is None:  # not cached (random training crops): encode the sample
+                    f = self.model.encoders[m].encode(it["inputs"][m].unsqueeze(0).to(self.model.device))[0].cpu()
+                yield f
+
+    # ------------------------------------------------------------------ stages
+    def run_stage(self, stage: str) -> None:
+        from ..model.stages import configure_trainable
+
+        cfg = self.cfg
+        sdir = self._stage_dir(stage)
+        if stage != "pt" and self.model.config.stage in (None, "pt") and self.model.config.fusion != cfg.fusion.model_dump():
+            # A PT stage shared with another variant (`medtvt ablate`) carries that variant's unused
+            # fusion layer: this variant's own starts here, from the same seed as a fresh model's.
+            self.model.replace_fusion(cfg.fusion.model_dump(), cfg.seed)
+        extras = getattr(cfg, stage).train_extras if stage != "rft" else cfg.sft.train_extras
+        names = configure_trainable(self.model, stage, train_extras=extras)
+        resume = self.resume or self.stage_store is not None
+        n_params = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
+        self.echo(f"[{stage}] training: {len(names)} trainable tensors, {n_params:,} parameters")
+        t0 = time.perf_counter()
+        if stage in ("pt", "sft"):
+            from ..training.supervised import run_supervised
+
+            scfg = getattr(cfg, stage)
+            ds = self.splits["pt" if stage == "pt" else "train"]
+            collator = SupervisedCollator(ds.collator(), self.processor, scfg.max_length)
+            hist = run_supervised(self.model, ds, collator, scfg, sdir, seed=cfg.seed, device=cfg.device,
+                                  num_workers=cfg.data.num_workers, resume=resume, processor=self.processor,
+                                  progress=self.progress)
+        else:
+            hist = self._run_rft(sdir, resume)
+        self.timings[stage] = time.perf_counter() - t0
+        self.history[stage] = hist
+        if self.is_main:  # the stage result, written atomically: a kill leaves no half-written final/
+            tmp = sdir / f".{FINAL}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            write_json(sdir / "history.json", hist)
+            shutil.rmtree(sdir / FINAL, ignore_errors=True)
+            os.replace(tmp, sdir / FINAL)
+        self.barrier()
+
+    def _run_rft(self, sdir: Path, resume: bool) -> list[dict[str, Any]]:
+        from ..plugins import get_catalog
+        from ..training.grpo import run_grpo
+
+        cfg = self.cfg
+        catalog = get_catalog()
+        funcs = [catalog.rewards.get(r.name) for r in cfg.rewards]
+        return run_grpo(self.model, self.processor, self.splits["train"], cfg.rft, funcs,
+                        reward_names=[r.name for r in cfg.rewards], reward_weights=[r.weight for r in cfg.rewards],
+                        output_dir=sdir, seed=cfg.seed, device=cfg.device, resume=resume,
+                        on_log=self._rft_echo if self.progress else None)
+
+    def _rft_echo(self, logs: dict[str, Any]) -> None:
+        if "reward" in logs:
+            self.echo(f"[rft] step {logs.get('step')} reward {logs['reward']:.3f} loss {logs.get('loss', float('nan')):.4f}"
+                      f" kl {logs.get('kl', float('nan')):.4f}")
+
+    # ------------------------------------------------------------------ eval
+    def evaluate_stage(self, stage: str) -> dict[str, Any]:
+        from .evaluation import evaluate_model
+
+        t0 = time.perf_counter()
+        train = self.splits.get("train")
+        res = evaluate_model(self.model, self.processor, self.splits["test"], self.cfg.eval,
+                             rewards=self.cfg.rewards, train_answers=[r.answer for r in train.records] if train else (),
+                             predictions_path=self.out / "eval" / f"{stage}.jsonl" if self.is_main else None,
+                             progress=self.progress)
+        self.timings[f"eval_{stage}"] = time.perf_counter() - t0
+        return res
+
+    # ------------------------------------------------------------------ main
+    def execute(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        self.setup()
+        stages = list(self.cfg.stages)
+        # The first stage without a result; every stage before it must be complete.
+        first = next((i for i, s in enumerate(stages) if not self.completed(s)), len(stages))
+        for i, stage in enumerate(stages):
+            if i < first:
+                self.echo(f"[{stage}] completed earlier: {self._stage_dir(stage) / FINAL}")
+                hist = self._stage_dir(stage) / "history.json"
+                if hist.is_file():
+                    self.history[stage] = json.loads(hist.read_text())
+                if self.cfg.evaluate or i == first - 1:
+                    self.load_stage(stage)
+            else:
+                if self.model is None:
+                    self.new_model()
+                self.run_stage(stage)
+            if self.cfg.evaluate:
+                self.echo(f"[{stage}] evaluating on {len(self.splits['test'])} test records")
+                self.metrics[stage] = self.evaluate_stage(stage)
+                ce = self.metrics[stage]["ce"]
+                self.echo(f"[{stage}] F1 {ce['f1']:.4f} precision {ce['precision']:.4f} recall {ce['recall']:.4f} "
+                          f"AUC {ce['auc'] if ce['auc'] is None else round(ce['auc'], 4)}")
+        self.timings["total"] = time.perf_counter() - t_start
+        self.finish()
+        return self.metrics
+
+    def finish(self) -> None:
+        from .report import write_report
+
+        summary = {"seed": self.cfg.seed, "world_size": self.dist.num_processes, "stages": self.metrics,
+                   "timings_s": self.timings}
+        base = next((m["baseline"] for m in self.metrics.values() if "baseline" in m), None)
+        if base is not None:
+            summary["baseline"] = base
+        if self.is_main:
+            write_json(self.out / "metrics.json", summary)
+            write_json(self.out / "history.json", self.history)
+            write_report(self.out, self.cfg, summary, self.history)
+            self.echo(f"done: {self.out / 'metrics.json'}, {self.out / 'report.md'}")
+        self.barrier()
+
+
+def run(cfg: RunConfig, **kwargs: Any) -> dict[str, Any]:
+    return Run(cfg, **kwargs).execute()
