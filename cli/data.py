@@ -17,6 +17,16 @@ def data_group() -> None:
     """Synthesise or validate datasets (MedTVT-QA + MIMIC formats)."""
 
 
+def _joint_diseases(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    from medtvt_core.data.synth import parse_joint_diseases
+    from medtvt_core.errors import DataError
+
+    try:
+        return parse_joint_diseases(value)
+    except DataError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @data_group.command("synth")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write the cohort into.")
 @click.option("--n-patients", default=240, show_default=True, type=click.IntRange(min=4), help="Patients (one stay each).")
@@ -26,15 +36,30 @@ def data_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic cohort in --out.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Writer processes (0: by CPU count); the files do not depend on it.")
-def synth_cmd(out: str, n_patients: int, seed: int, test_fraction: float, overwrite: bool, workers: int) -> None:
+# Default and bounds as medtvt_core.data.synth (DEFAULT_DECOY_RATE, MAX_EVIDENCE; checked by a test), not imported
+# here so that --help stays light.
+@click.option("--evidence", default=1.0, show_default=True, type=click.FloatRange(0, 2.0, min_open=True),
+              help="Strength of every disease sign (multiplies its deviation from normal; 1 = the default cohort).")
+@click.option("--joint-diseases", "joint_diseases", default="none", show_default=True, callback=_joint_diseases,
+              metavar="none|all|LIST",
+              help="Diseases needing two modalities together: all (Hypertension, Pneumonia, Sepsis), none, or a "
+                   "comma list of those; each of their signs then also appears alone in patients without them.")
+@click.option("--decoy-rate", default=0.3, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
+              help="For each joint disease and each of its two signs: share of eligible patients without the "
+                   "disease that show that sign alone, with another cause in its report.")
+def synth_cmd(out: str, n_patients: int, seed: int, test_fraction: float, overwrite: bool, workers: int,
+              evidence: float, joint_diseases: tuple[str, ...], decoy_rate: float) -> None:
     """Write a synthetic cohort with learnable signal in the real on-disk formats."""
     from medtvt_core.data.synth import synthesize
 
     s = synthesize(out, n_patients=n_patients, seed=seed, test_fraction=test_fraction, overwrite=overwrite,
-                   workers=workers)
+                   workers=workers, evidence=evidence, joint_diseases=joint_diseases, decoy_rate=decoy_rate)
     prev = ", ".join(f"{d} {n}" for d, n in s.prevalence.items())
     click.echo(f"wrote {s.n_patients} patients ({s.n_train} train, {s.n_test} test) to {s.root} in {s.seconds:.1f} s")
     click.echo(f"prevalence: {prev}")
+    if s.joint_diseases:
+        dec = "; ".join(f"{d} ({', '.join(f'{m} {n}' for m, n in by.items())})" for d, by in s.decoys.items())
+        click.echo(f"joint diseases with decoy signs: {dec}")
 
 
 def _parse_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:

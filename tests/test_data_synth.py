@@ -20,12 +20,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from medtvt_cli.data import data_group
 from medtvt_core.data import DISEASES, parse_answer, read_manifest, read_qa_file
 from medtvt_core.data.formats import MIMIC_IV_ECG_LEADS, SYMILE_CHEXPERT, SYMILE_LABS
-from medtvt_core.data.synth import PT_FILES, TEST_FILE, TRAIN_FILE, synthesize
+from medtvt_core.data.synth import LAB_IDS, PT_FILES, TEST_FILE, TRAIN_FILE, ensure_synthetic, make_patients, synthesize
 from medtvt_plugins.readers.cxr import CxrModality
 from medtvt_plugins.readers.ecg import EcgModality
 from medtvt_plugins.readers.lab import LabModality
@@ -37,6 +37,15 @@ FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
 def digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The readers' small tensor ops: one thread is several times faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +178,164 @@ def test_signal_is_learnable_and_modality_specific(tmp_path):
     assert cv_auc(labs, y["Atrial Fibrillation"]) < 0.8
     assert cv_auc(np.concatenate([ecg, pixels], axis=1), y["Diabetes Mellitus"]) < 0.8
     assert all(any(r) for r in zip(*y.values()))  # every patient has at least one category
+
+
+# ---------------------------------------------------------------------------- generator options
+# Digest of the WFDB, CSV and QA files of the `small` cohort as written by the generator before the
+# evidence/joint/decoy options existed (JPEG bytes and the manifest left out: the encoder's bytes may
+# vary across Pillow builds, and the manifest gained the option and evidence blocks).
+DEFAULT_COHORT_DIGEST = "ac247887e7a73e57fc5512d44496920fc0acf2b56f3d34e14a1521d4c1ce3f50"
+
+
+def data_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix != ".jpg" and p.name != "medtvt_dataset.json":
+            h.update(str(p.relative_to(root)).encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def test_default_options_write_the_original_cohort(small, tmp_path):
+    assert data_digest(small) == DEFAULT_COHORT_DIGEST
+    synthesize(tmp_path / "x", n_patients=8, seed=1, test_fraction=0.25, workers=1, evidence=1.0, joint_diseases="none")
+    assert digest(tmp_path / "x") == digest(small)
+    man = read_manifest(small)
+    assert man["generator"] == {"version": 2, "n_patients": 8, "seed": 1, "test_fraction": 0.25, "evidence": 1.0,
+                                "joint_diseases": [], "decoy_rate": 0.3}
+    ev = man["evidence"]
+    assert {d: ev[d]["modalities"] for d in DISEASES} == {
+        "Coronary Artery Disease": ["ecg"], "Acute Renal Failure": ["lab"], "Hypertension": ["ecg", "cxr"],
+        "Atrial Fibrillation": ["ecg"], "Pneumonia": ["cxr", "lab"], "Diabetes Mellitus": ["lab"], "Sepsis": ["ecg", "lab"]}
+    assert not any(ev[d]["joint"] for d in DISEASES) and man["decoys"] == {}
+    assert all(set(ev[d]["signs"]) == set(ev[d]["modalities"]) for d in DISEASES)
+
+
+def measured_signs(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list]:
+    """One hand-measured feature per sign, read back through the real readers (no generator internals)."""
+    train = read_qa_file(root / TRAIN_FILE, MODS)[0]
+    recs = train + read_qa_file(root / TEST_FILE, MODS)[0]
+    y = {d: np.array([d in parse_answer(r.answer) for r in recs]) for d in DISEASES}
+    lab = LabModality()
+    lab.fit([r.ref("lab") for r in train], root)
+    labs = torch.stack([lab.load(r.ref("lab"), root=root) for r in recs]).numpy()
+    n = len(LAB_IDS)
+
+    def pct(item: str) -> np.ndarray:  # percentile where measured, 0 where not (the vector's flag half)
+        j = LAB_IDS.index(item)
+        return np.where(labs[:, n + j] > 0, labs[:, j], 0.0)
+
+    ecg, cxr = EcgModality(), CxrModality()
+    hr, sokolow, heart, opacity = [], [], [], []
+    for r in recs:
+        x = ecg.load(r.ref("ECG"), root=root).numpy()  # [12, 1000] at 100 Hz
+        v5, v1 = x[10], x[6]
+        peaks, _ = find_peaks(v5, height=0.5 * v5.max(), distance=30)
+        hr.append(6000.0 / np.diff(peaks).mean())  # beats per minute from the R-R intervals
+        sokolow.append(v5.max() - v1.min())  # R in V5 + |S| in V1
+        img = cxr.load(r.ref("image"), root=root)[0].numpy()  # [224, 224], normalised
+        heart.append(float((img[170:192].mean(0) > -0.3).sum()))  # width of the bright shadow across the heart
+        opacity.append(max(img[v - 10:v + 10, u - 10:u + 10].mean()  # brightest of six lung windows
+                           for v in (39, 82, 121) for u in (44, 180)))
+    feats = {"hr": np.array(hr), "lactate": pct("50813"), "sokolow": np.array(sokolow), "heart": np.array(heart),
+             "opacity": np.array(opacity), "wbc": pct("51301")}
+    return feats, y, recs
+
+
+SIGN_PAIRS = {"Sepsis": ("hr", "lactate"), "Hypertension": ("sokolow", "heart"), "Pneumonia": ("opacity", "wbc")}
+
+
+def test_joint_diseases_need_both_modalities(tmp_path):
+    """Joint cohort (150 patients, seed 5, decoy rate 0.3): for each joint disease, even the best ranking
+    by one modality's sign (the raw feature's AUC, no fitting) stays below 0.95 and at least 0.05 under a
+    cross-validated logistic regression (with the interaction term) on both signs, which reaches 0.97.
+    Measured: Sepsis hr 0.63 / lactate 0.91 / both 0.995; Hypertension 0.82 / 0.82 / 1.0;
+    Pneumonia opacity 0.90 / white cells 0.75 / 1.0 (seeds 0-11: best single 0.82-0.94, both >= 0.986)."""
+    root = tmp_path / "joint"
+    s = synthesize(root, n_patients=150, seed=5, joint_diseases="all", workers=1)
+    feats, y, recs = measured_signs(root)
+    auc = {}
+    for d, (a, b) in SIGN_PAIRS.items():
+        model = make_pipeline(StandardScaler(), PolynomialFeatures(2, interaction_only=True),
+                              LogisticRegression(max_iter=5000))
+        x = np.stack([feats[a], feats[b]], axis=1)
+        p = cross_val_predict(model, x, y[d], cv=StratifiedKFold(4, shuffle=True, random_state=0), method="predict_proba")
+        auc[d] = {a: roc_auc_score(y[d], feats[a]), b: roc_auc_score(y[d], feats[b]), "both": roc_auc_score(y[d], p[:, 1])}
+    for r in auc.values():
+        best_single = max(v for k, v in r.items() if k != "both")
+        assert r["both"] >= 0.97 and best_single <= 0.95 and best_single <= r["both"] - 0.05, auc
+
+    man = read_manifest(root)
+    assert man["generator"]["joint_diseases"] == ["Hypertension", "Pneumonia", "Sepsis"]
+    assert {d for d in DISEASES if man["evidence"][d]["joint"]} == set(SIGN_PAIRS)
+    assert man["decoys"] == s.decoys and all(n >= 10 for by in s.decoys.values() for n in by.values()), s.decoys
+    # Disease sets (so prevalences) do not depend on the options: those the seed draws for every cohort.
+    drawn = make_patients(150, 5, 0.2)
+    assert man["prevalence"]["all"] == {d: sum(d in p.diseases for p in drawn) for d in DISEASES}
+    # The reasoning stays truthful: a sign that "does not mean" a disease never comes with that disease.
+    for r in recs:
+        labels = set(parse_answer(r.answer))
+        for d in SIGN_PAIRS:
+            if f"does not mean {d.lower()}" in r.answer or f"do not mean {d.lower()}" in r.answer:
+                assert d not in labels, r.answer
+    said = sum(f"not mean {d.lower()}" in r.answer for r in recs for d in SIGN_PAIRS)
+    assert said >= 0.8 * sum(s.decoys[d][m] for d in SIGN_PAIRS for m in s.decoys[d])
+    for f in PT_FILES:  # the decoys' other causes are in the physiological reports
+        assert any("The history attributes" in r.answer for r in read_qa_file(root / f, MODS)[0])
+
+
+def test_evidence_strength_scales_the_signs(tmp_path):
+    weak, strong = tmp_path / "weak", tmp_path / "strong"
+    synthesize(weak, n_patients=30, seed=4, evidence=0.4, workers=1)
+    synthesize(strong, n_patients=30, seed=4, evidence=2.0, workers=1)
+    fw, yw, rw = measured_signs(weak)
+    fs, ys, _ = measured_signs(strong)
+    assert all((yw[d] == ys[d]).all() for d in DISEASES)  # same patients, same diseases
+    htn = yw["Hypertension"]
+    base = np.median(fw["sokolow"][~htn])
+    assert np.median(fs["sokolow"][htn]) - base > 3 * (np.median(fw["sokolow"][htn]) - base) > 0
+    assert np.median(fs["heart"][htn]) > np.median(fw["heart"][htn]) > np.median(fw["heart"][~htn])
+    assert any("weak signs (" in r.answer for r in rw)  # what falls below threshold is reasoned about as weak
+    assert all(FORMAT.match(r.answer) for r in rw)
+    assert read_manifest(weak)["generator"]["evidence"] == 0.4
+
+
+def test_ensure_synthetic_reuses_only_a_cohort_with_the_same_options(tmp_path):
+    root = tmp_path / "c"
+    ensure_synthetic(root, n_patients=8, seed=2, workers=1, joint_diseases=("Sepsis",))
+    stamp = (root / "labs.csv").stat().st_mtime_ns
+    ensure_synthetic(root, n_patients=8, seed=2, workers=1, joint_diseases="sepsis")
+    assert (root / "labs.csv").stat().st_mtime_ns == stamp  # same options (spelled differently): reused
+    ensure_synthetic(root, n_patients=8, seed=2, workers=1, joint_diseases=("Sepsis",), decoy_rate=0.4)
+    assert read_manifest(root)["generator"]["decoy_rate"] == 0.4
+    # A cohort written before the options existed (its manifest lacks them) is regenerated: same files.
+    ensure_synthetic(root, n_patients=8, seed=2, workers=1)
+    before = digest(root)
+    man = json.loads((root / "medtvt_dataset.json").read_text())
+    for k in ("evidence", "joint_diseases", "decoy_rate"):
+        man["generator"].pop(k)
+    (root / "medtvt_dataset.json").write_text(json.dumps(man))
+    ensure_synthetic(root, n_patients=8, seed=2, workers=1)
+    assert digest(root) == before
+    with pytest.raises(Exception, match="joint disease 'Diabetes Mellitus'"):
+        ensure_synthetic(root, n_patients=8, seed=2, joint_diseases=("Diabetes Mellitus",))
+    with pytest.raises(Exception, match="evidence 0"):
+        synthesize(tmp_path / "e", n_patients=8, evidence=0)
+
+
+def test_synth_command_options(tmp_path):
+    run = CliRunner().invoke(data_group, ["synth", "--out", str(tmp_path / "j"), "--n-patients", "12", "--seed", "3",
+                                          "--joint-diseases", "htn,Sepsis", "--decoy-rate", "0.5", "--evidence", "1.5"])
+    assert run.exit_code == 0, run.output
+    assert "joint diseases with decoy signs: Hypertension (ecg " in run.output
+    gen = read_manifest(tmp_path / "j")["generator"]
+    assert (gen["joint_diseases"], gen["decoy_rate"], gen["evidence"]) == (["Hypertension", "Sepsis"], 0.5, 1.5)
+    for bad, words in ((["--evidence", "0"], "--evidence"), (["--evidence", "2.5"], "--evidence"),
+                       (["--decoy-rate", "0.6"], "--decoy-rate"), (["--joint-diseases", "Diabetes"], "joint disease 'Diabetes'")):
+        r = CliRunner().invoke(data_group, ["synth", "--out", str(tmp_path / "bad"), "--n-patients", "6", *bad])
+        assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "bad").exists()
+    from medtvt_core.data import synth
+
+    opts = {p.name: p for p in data_group.commands["synth"].params}
+    assert (opts["evidence"].type.max, opts["decoy_rate"].default) == (synth.MAX_EVIDENCE, synth.DEFAULT_DECOY_RATE)
