@@ -103,9 +103,20 @@ def build_encoder(modality: str, ref: Mapping[str, Any], tokens_per_modality: in
     return enc
 
 
-def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: int | None, catalog: Any = None) -> Any:
-    """The fusion layer, initialised from ``seed + FUSION_SEED_OFFSET`` (``None``: the global RNG)."""
+def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: int | None, catalog: Any = None, *,
+                 modality_names: Sequence[str] | None = None) -> Any:
+    """The fusion layer, initialised from ``seed + FUSION_SEED_OFFSET`` (``None``: the global RNG).
+
+    ``modality_names`` reach plugins whose constructor takes them (e.g. named CMHA rotations)."""
+    import inspect
+
     cls, opts = validated_options("fusion", ref["name"], ref.get("options"), "fusion", catalog)
+    if modality_names is not None:
+        if len(modality_names) != num_modalities:
+            raise ConfigError(f"fusion: {len(modality_names)} modality names for {num_modalities} modalities")
+        params = inspect.signature(cls.__init__).parameters
+        if "modality_names" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            opts["modality_names"] = list(modality_names)
     ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with ctx:
         if seed is not None:
@@ -136,14 +147,26 @@ def validate_run(cfg: Any, catalog: Any = None) -> None:
         catalog.rewards.spec(r.name)
 
 
-def required_weights(encoders: Mapping[str, Any], backbone: Any) -> None:
-    """Raise one :class:`ConfigError` naming every part whose weights would be a random init."""
-    missing = [f"encoders.{m}.options.weights" for m, e in encoders.items() if not e.weight_files()]
-    if not backbone.weight_files():
+def required_weights(cfg: Any, catalog: Any = None) -> None:
+    """One error naming every part of ``cfg`` whose weights would be a random init, or whose file is missing."""
+    missing, absent = [], []
+    for m in cfg.modalities:
+        ref = cfg.encoders[m]
+        cls, opts = validated_options("encoders", ref.name, ref.options, f"encoders.{m}", catalog)
+        files = cls.declared_weight_files(opts)
+        missing += [] if files else [f"encoders.{m}.options.weights"]
+        absent += [f"encoders.{m}: {p}" for p in files if not p.is_file()]
+    backbone = build_backbone(cfg.llm.model_dump(), catalog)
+    path = getattr(backbone, "pretrained_path", None)
+    if path is None:
         missing.append("llm.options.model_path")
+    elif not Path(path).is_dir():
+        absent.append(f"llm: {path}")
     if missing:
-        raise ConfigError(f"no pretrained weights for {', '.join(missing)}: set each to a local file "
-                          f"(models are never downloaded), or pass --random-weights to train random ones")
+        raise ConfigError(f"no pretrained weights for {', '.join(missing)}: set each to a local file (models are "
+                          f"never downloaded), or pass --random-weights to train random ones")
+    if absent:
+        raise CheckpointError(f"weight files do not exist: {'; '.join(absent)}")
 
 
 def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[str]] | None = None,
@@ -182,8 +205,6 @@ def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[st
             raise ConfigError(f"modality {m}: reader {type(r).__name__} gives samples of shape {tuple(r.sample_shape)} "
                               f"but encoder {cfg.encoders[m].name!r} consumes {want}; align the reader options "
                               f"(data.modality_options.{m}) with the encoder")
-    if getattr(cfg, "weights_required", False):
-        required_weights(dict(model.encoders), model.backbone)
     model.backbone.prepare_base(model.llm, tok, corpus)
     processor = MedTVTProcessor(tok, placeholders, config.tokens_per_modality, readers=readers,
                                 prompt_format=cfg.prompt.format, answer_end_token=cfg.prompt.answer_end_token,

@@ -129,6 +129,13 @@ class RFTConfig(_Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
     weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    sampling_mode: Literal["eval", "train"] = Field(
+        "eval", description="model mode while sampling rollouts: eval (no dropout, as the reference) or train "
+                            "(dropout on, as TRL's GRPOTrainer)")
+    scale_logits_by_temperature: bool = Field(
+        True, description="score completions with logits / temperature, as TRL does (the reference: raw logits)")
     beta: float = Field(0.04, ge=0, description="KL coefficient to the frozen SFT reference (TRL 1.16: 0.0)")
     epsilon: float = Field(0.2, gt=0, description="PPO clip range (lower)")
     epsilon_high: float | None = Field(None, description="upper clip range (DAPO); None: epsilon")
@@ -158,6 +165,14 @@ class EvalConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="evaluate only the first N test records")
     do_sample: bool = Field(False, description="greedy decoding by default")
     metrics: list[str] = Field(default_factory=lambda: ["bleu", "rouge", "meteor", "bertscore"])
+    protocols: list[Literal["strict", "reference"]] = Field(
+        default_factory=lambda: ["strict", "reference"], min_length=1,
+        description="evaluation protocols, the first is the primary one: strict (a missing answer is an empty set, "
+                    "AUC averaged over categories, corpus BLEU, ROUGE-L F) or reference (the reference code's "
+                    "evaluate.py: samples with both answers only, pooled AUC, sentence BLEU, ROUGE-L recall; "
+                    "comparable with the paper's tables)")
+    attribution: bool = Field(True, description="for the last stage: per disease, how often its report names it with "
+                                                "every modality and with each one masked (re-generation)")
     wordnet_dir: Path | None = Field(None, description="NLTK data dir with corpora/wordnet (METEOR)")
     bertscore_model: Path | None = Field(None, description="local checkpoint for BERTScore (e.g. roberta-large)")
     bertscore_layers: int | None = Field(None, ge=1)

@@ -126,14 +126,21 @@ class Encoder(nn.Module, ABC):
     pooled_dim: int
     num_tokens: int
 
+    @classmethod
+    def declared_weight_files(cls, options: dict[str, Any]) -> list[Path]:
+        """The weight files validated ``options`` name, without building the encoder (checked before a
+        run starts).  Default: the ``weights`` option."""
+        w = options.get("weights")
+        return [Path(w).expanduser()] if w not in (None, "") else []
+
     def weight_files(self) -> list[Path]:
         """Files the frozen backbone's weights were read from; ``[]`` when they are a random init.
 
         A saved model references these files (path + SHA-256) instead of copying the backbone, and
-        stores the backbone itself when the list is empty.  Default: the ``weights`` option.
+        stores the backbone itself when the list is empty.
         """
-        w = getattr(getattr(self, "config", None), "weights", None)
-        return [Path(w).expanduser()] if w not in (None, "") else []
+        cfg = getattr(self, "config", None)
+        return self.declared_weight_files(cfg.model_dump() if isinstance(cfg, BaseModel) else {})
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,14 +208,19 @@ class FusionOutput:
 
 
 class Fusion(nn.Module, ABC):
-    """Cross-modal fusion. ``__init__(dim, num_modalities, **config)``."""
+    """Cross-modal fusion. ``__init__(dim, num_modalities, *, modality_names=None, **config)``.
+
+    ``modality_names`` (the model's modalities, in mask-column order) is passed by the core to
+    plugins whose constructor accepts it; it is therefore no name for a config field.
+    """
 
     config_class: ClassVar[type[PluginConfig]]
 
-    def __init__(self, dim: int, num_modalities: int):
+    def __init__(self, dim: int, num_modalities: int, modality_names: Sequence[str] | None = None):
         super().__init__()
         self.dim = dim
         self.num_modalities = num_modalities
+        self.modality_names = None if modality_names is None else tuple(modality_names)
 
     @abstractmethod
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> FusionOutput:

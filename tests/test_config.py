@@ -15,9 +15,31 @@ def test_presets_resolve():
     demo = resolve_config(preset="demo")
     paper = resolve_config(preset="paper")
     assert demo.device == "cpu" and demo.llm.options["variant"] == "tiny"
-    assert paper.llm.options == {"variant": "llama-3.2-1b", "lora_rank": 8}
-    assert paper.pt.epochs == 20 and paper.sft.epochs == 20
-    assert paper.rft.max_steps == 500 and paper.rft.num_generations == 8 and paper.rft.beta == 0.04
+    assert paper.pt.epochs == 20 and paper.sft.epochs == 20 and paper.weights_required
+
+
+def test_paper_preset_is_the_reference_code():
+    """Each point where the reference code decides, restated from SPEC ("Reference code details")."""
+    p = resolve_config(preset="paper")
+    assert p.llm.options["variant"] == "llama-3.2-1b" and p.llm.options["lora_rank"] == 8  # the paper's rank
+    assert set(p.llm.options["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"}
+    assert p.projector.normalize_input and p.projector.tokens_per_modality == 1
+    assert (p.prompt.format, p.prompt.answer_end_token) == ("reference", "<|end_of_text|>")
+    assert [r.name for r in p.rewards] == ["format", "jaccard"]
+    assert p.fusion.name == "mpl" and p.fusion.options["style"] == "official"
+    assert p.fusion.options["rotations"] == [["cxr", "ecg", "lab"], ["ecg", "lab", "cxr"], ["lab", "cxr", "ecg"]]
+    assert p.fusion.options["f_dropout_masks"] == "per_modality"
+    r = p.rft
+    assert (r.batch_size * r.num_generations, r.batch_size, r.grad_accum, r.lr, r.beta) == (8, 1, 2, 1e-6, 0.04)
+    assert (r.temperature, r.top_p, r.max_prompt_length, r.max_completion_length, r.max_steps) == (0.6, 0.9, 256, 600, 500)
+    assert r.sampling_mode == "eval" and not r.scale_logits_by_temperature
+    for s in (p.pt, p.sft):
+        assert (s.batch_size, s.lr, s.min_lr, s.weight_decay, s.adam_beta1, s.adam_beta2, s.max_length) == \
+            (8, 1e-4, 1e-6, 0.05, 0.9, 0.95, 600)
+        assert s.train_extras
+    assert p.eval.protocols[0] == "reference"
+    assert p.data.modality_options.get("cxr", {}).get("train_crop", "random") == "random"
 
 
 def test_overrides_have_precedence(tmp_path):

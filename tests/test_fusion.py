@@ -35,9 +35,11 @@ def catalog():
     return build_catalog([builtin], autoload=False)
 
 
-def build(catalog, name: str, m: int, **opts) -> Fusion:
+def build(catalog, name: str, m: int, modality_names=None, **opts) -> Fusion:
+    """As the core builds a fusion: validated options, plus the run's modality names when given."""
     spec = catalog.fusion.spec(name)
-    return spec.obj(D, m, **spec.config.model_validate(opts).model_dump())
+    names = {} if modality_names is None else {"modality_names": modality_names}
+    return spec.obj(D, m, **spec.config.model_validate(opts).model_dump(), **names)
 
 
 def randomize(fus: Fusion, seed: int = 1) -> None:
@@ -125,9 +127,11 @@ def test_config_fields_documented_and_strict(catalog):
         model = catalog.fusion.spec(name).config
         assert model.model_config["extra"] == "forbid"
         assert all(f.description for f in model.model_fields.values()), name
-    assert set(MPLConfig.model_fields) == {"style", "num_heads", "dropout", "residual_scale", "cmha", "cao"}
+    assert set(MPLConfig.model_fields) == {"style", "num_heads", "dropout", "residual_scale", "rotations",
+                                           "f_dropout_masks", "cmha", "cao"}
     assert MPLConfig().model_dump() == {"style": "official", "num_heads": 4, "dropout": 0.1,
-                                        "residual_scale": 0.01, "cmha": True, "cao": True}
+                                        "residual_scale": 0.01, "rotations": None, "f_dropout_masks": "shared",
+                                        "cmha": True, "cao": True}
 
 
 # --------------------------------------------------------------------------- shapes
@@ -431,3 +435,244 @@ def test_bad_options_are_config_errors(catalog):
         MPLConfig.model_validate({"heads": 4})  # unknown key
     with pytest.raises(TypeError):
         NoFusion(D, 3, style="paper")
+
+
+# --------------------------------------------------------------------------- the reference's CMHA
+# Re-statement of the reference (llama/MPL.py of keke-nice/MedTVT-R1, CyclicCrossModalAttention,
+# called from Cardio_llama.py as CMHA(cxr, ecg, lab)):
+#   three separate calls of one shared nn.MultiheadAttention with (Q, K, V) = (C, E, L), (E, L, C),
+#   (L, C, E); F = their sum / 3; M_i = LayerNorm(Z_i + 0.01 * dropout(F)), dropout called once per
+#   output modality (independent masks); attention-weight dropout inside each call.
+REF_ROTATIONS = [["cxr", "ecg", "lab"], ["ecg", "lab", "cxr"], ["lab", "cxr", "ecg"]]
+
+
+def ref_cmha(fus: MPLFusion, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference rule by name: ``z[name] [B, K, D]`` -> ``M[name]``, with the module's weights."""
+    c, e, l = z["cxr"], z["ecg"], z["lab"]
+    o1, _ = fus.attn(c, e, l)
+    o2, _ = fus.attn(e, l, c)
+    o3, _ = fus.attn(l, c, e)
+    f = (o1 + o2 + o3) / 3
+    if fus.style == "official":
+        return {n: fus.norm(x + fus.residual_scale * fus.f_dropout(f)) for n, x in z.items()}
+    return {n: x + f for n, x in z.items()}
+
+
+@pytest.mark.parametrize("order", [("cxr", "ecg", "lab"), ("ecg", "cxr", "lab"), ("lab", "ecg", "cxr")])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("style", ["official", "paper"])
+def test_named_rotations_reproduce_the_reference(catalog, order, k, style):
+    torch.manual_seed(0)
+    fus = build(catalog, "mpl", 3, style=style, rotations=REF_ROTATIONS, modality_names=order).eval()
+    randomize(fus)
+    z = torch.randn(4, 3, k, D)
+    by_name = {n: z[:, i] for i, n in enumerate(order)}
+    expected_m = ref_cmha(fus, by_name)
+    m_stack = torch.stack([expected_m[n] for n in order], dim=1)  # model order
+    # CAO on [M_1 : ... : M_M] in the model's order (a relabelling of the reference's C, E, L columns).
+    gate = torch.sigmoid(m_stack.mean(2).reshape(4, 3 * D) @ fus.gate.weight.T + fus.gate.bias)
+    res = fus(z, torch.ones(4, 3, dtype=torch.bool))
+    torch.testing.assert_close(res.tokens, gate[:, :, None, None] * m_stack, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.weights, gate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,same", [(1, True), (3, False)])
+def test_cyclic_default_follows_the_config_order(catalog, k, same):
+    # The default rotates (r, r+1, r+2) in the run's order: for (ecg, cxr, lab) that is
+    # (E,C,L), (C,L,E), (L,E,C), not the reference's.  With K=1 only the value modality counts
+    # (L, E, C either way), so the outputs agree; with K=3 they differ.
+    order = ("ecg", "cxr", "lab")
+    torch.manual_seed(0)
+    named = build(catalog, "cmha", 3, rotations=REF_ROTATIONS, modality_names=order).eval()
+    default = build(catalog, "cmha", 3, modality_names=order).eval()
+    randomize(named)
+    default.load_state_dict(named.state_dict())
+    assert default.rotations == [(0, 1, 2), (1, 2, 0), (2, 0, 1)]
+    assert named.rotations == [(1, 0, 2), (0, 2, 1), (2, 1, 0)]
+    z, mask = torch.randn(3, 3, k, D), torch.ones(3, 3, dtype=torch.bool)
+    a, b = named(z, mask).tokens, default(z, mask).tokens
+    assert torch.allclose(a, b, atol=1e-5) == same
+    # In the reference's own order the cyclic default is the reference's rotation.
+    ref_order = ("cxr", "ecg", "lab")
+    cyc = build(catalog, "cmha", 3, modality_names=ref_order).eval()
+    nam = build(catalog, "cmha", 3, rotations=REF_ROTATIONS, modality_names=ref_order).eval()
+    randomize(cyc)
+    nam.load_state_dict(cyc.state_dict())
+    torch.testing.assert_close(cyc(z, mask).tokens, nam(z, mask).tokens, rtol=0, atol=0)
+
+
+def test_named_rotations_do_not_depend_on_the_config_order(catalog):
+    # Same weights, modalities listed in another order, tokens permuted alike: same output per name.
+    torch.manual_seed(0)
+    a = build(catalog, "cmha", 3, rotations=REF_ROTATIONS, modality_names=("cxr", "ecg", "lab")).eval()
+    b = build(catalog, "cmha", 3, rotations=REF_ROTATIONS, modality_names=("lab", "cxr", "ecg")).eval()
+    randomize(a)
+    b.load_state_dict(a.state_dict())  # rotation_index is not persistent: same keys whatever the order
+    assert set(a.state_dict()) == set(b.state_dict()) and not any("rotation" in key for key in a.state_dict())
+    z = torch.randn(2, 3, 3, D)
+    perm = [2, 0, 1]  # b's order as positions of a's
+    torch.testing.assert_close(b(z[:, perm], torch.ones(2, 3, dtype=torch.bool)).tokens,
+                               a(z, torch.ones(2, 3, dtype=torch.bool)).tokens[:, perm], rtol=1e-5, atol=1e-6)
+
+
+def test_named_rotations_with_a_masked_modality(catalog):
+    # M=4 (cxr, ecg, lab, x); rotations use only cxr/ecg/lab plus one with x. A sample missing x
+    # keeps the three reference rotations; one missing ecg keeps only (lab, x, cxr).
+    rots = [*REF_ROTATIONS, ["lab", "x", "cxr"]]
+    order = ("ecg", "x", "cxr", "lab")
+    torch.manual_seed(0)
+    fus = build(catalog, "cmha", 4, style="paper", rotations=rots, modality_names=order).eval()
+    randomize(fus)
+    z = torch.randn(3, 4, 3, D)
+    mask = torch.tensor([[True, True, True, True], [True, False, True, True], [False, True, True, True]])
+    res = fus(z, mask).tokens
+    n = {name: z[:, i] for i, name in enumerate(order)}
+
+    def att(q, k, v, s):
+        return fus.attn(n[q][s : s + 1], n[k][s : s + 1], n[v][s : s + 1])[0][0]
+
+    f = [sum(att(*r, 0) for r in rots) / 4, sum(att(*r, 1) for r in REF_ROTATIONS) / 3, att("lab", "x", "cxr", 2)]
+    for s in range(3):
+        for i in range(4):
+            exp = z[s, i] + f[s] if mask[s, i] else torch.zeros(3, D)
+            torch.testing.assert_close(res[s, i], exp, rtol=1e-5, atol=1e-5)
+    # Changing the masked modality changes nothing.
+    changed = z.clone()
+    changed[~mask] = torch.randn_like(changed[~mask]) * 100
+    torch.testing.assert_close(fus(changed, mask).tokens, res, rtol=0, atol=1e-6)
+
+
+def test_rotations_errors(catalog):
+    names = ("ecg", "cxr", "lab")
+    with pytest.raises(ConfigError, match="without modality_names"):
+        MPLFusion(D, 3, rotations=REF_ROTATIONS)
+    with pytest.raises(ConfigError, match=r"'ppg', not a modality of this model; allowed: ecg, cxr, lab"):
+        MPLFusion(D, 3, rotations=[["cxr", "ppg", "lab"]], modality_names=names)
+    with pytest.raises(ConfigError, match="distinct names"):
+        MPLFusion(D, 3, rotations=REF_ROTATIONS, modality_names=("ecg", "ecg", "lab"))
+    with pytest.raises(ConfigError, match="distinct names"):
+        CMHAFusion(D, 3, modality_names=("ecg", "cxr"))
+    from medtvt_core.build import validated_options
+
+    for bad, msg in [([["cxr", "ecg"]], "rotations"), ([["cxr", "ecg", "lab", "ecg"]], "rotations"),
+                     ([], "at least one"), ([["cxr", "ecg", "lab"], ["cxr", "ecg", "lab"]], "listed twice"),
+                     ([["cxr", "", "lab"]], "non-empty"), ("cxr,ecg,lab", "rotations")]:
+        with pytest.raises(ConfigError, match=msg):
+            validated_options("fusion", "mpl", {"rotations": bad}, "fusion", catalog)
+    with pytest.raises(ConfigError, match="cmha=false"):
+        validated_options("fusion", "mpl", {"cmha": False, "rotations": REF_ROTATIONS}, "fusion", catalog)
+    with pytest.raises(ConfigError, match="only the 'official' style"):
+        validated_options("fusion", "cmha", {"style": "paper", "f_dropout_masks": "per_modality"}, "fusion", catalog)
+    # Every built-in takes the names (the core may pass them to any fusion); None is today's behaviour.
+    for cls in (MPLFusion, CMHAFusion, CAOFusion, NoFusion):
+        assert cls(D, 3, modality_names=names).modality_names == names
+        assert cls(D, 3).modality_names is None
+
+
+# --------------------------------------------------------------------------- dropout semantics
+def _distinct_rows(x: torch.Tensor) -> int:
+    return torch.unique(x.reshape(x.shape[0], -1).round(decimals=4), dim=0).shape[0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_attention_dropout_is_independent_per_rotation(catalog, k):
+    # One head, p=0.5, the same sample repeated: the attention-weight dropout of each rotation is
+    # its own draw, so the K=1 output takes 2^3 values (2 would mean one mask shared by the three
+    # rotations); the reference's three separate calls, re-stated, give the same set of values.
+    torch.manual_seed(0)
+    fus = build(catalog, "cmha", 3, style="paper", num_heads=1, dropout=0.5,
+                rotations=REF_ROTATIONS, modality_names=("ecg", "cxr", "lab"))
+    randomize(fus)
+    fus.train()
+    n = 600
+    one = torch.randn(1, 3, k, D)
+    z = one.expand(n, -1, -1, -1).contiguous()
+    f_ours = fus(z, torch.ones(n, 3, dtype=torch.bool)).tokens[:, 0] - z[:, 0]  # paper: M_i = Z_i + F
+    by_name = {nm: z[:, i] for i, nm in enumerate(("ecg", "cxr", "lab"))}
+    f_ref = ref_cmha(fus, by_name)["ecg"] - by_name["ecg"]
+    if k == 1:
+        # The 8 possible F by hand: out_proj(mean_r m_r * W_v v_r), m_r in {0, 2}.
+        _, _, wv = fus.attn.in_proj_weight.chunk(3)
+        _, _, bv = fus.attn.in_proj_bias.chunk(3)
+        vals = [by_name[v][0, 0] @ wv.T + bv for _, _, v in REF_ROTATIONS]
+        cand = torch.stack([sum(mr * v for mr, v in zip(ms, vals)) / 3 @ fus.attn.out_proj.weight.T
+                            + fus.attn.out_proj.bias
+                            for ms in torch.cartesian_prod(*[torch.tensor([0.0, 2.0])] * 3)])
+        for f in (f_ours, f_ref):
+            d = (f[:, 0, None] - cand[None]).abs().amax(-1)  # [n, 8]
+            assert (d.amin(1) < 1e-4).all()  # every draw is one of the 8
+            counts = torch.bincount(d.argmin(1), minlength=8)
+            assert (counts > n / 8 * 0.5).all(), counts  # each about 1/8 of the draws
+    else:
+        assert _distinct_rows(f_ours) > 100 and _distinct_rows(f_ref) > 100
+    fus.eval()
+    torch.testing.assert_close(fus(z[:1], torch.ones(1, 3, dtype=torch.bool)).tokens[0, 0] - z[0, 0],
+                               ref_cmha(fus, {nm: v[:1] for nm, v in by_name.items()})["ecg"][0] - z[0, 0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def _f_dropout_pattern(fus: MPLFusion, b: int, m: int, k: int) -> torch.Tensor:
+    """Dropped positions of F per modality ``[B, M, K, D]``: with Z = 0, LN(s * dropout(F)) maps every
+    dropped element of a row to the same value (that of a zero), the kept ones to distinct values."""
+    with torch.no_grad():
+        fus.norm.weight.fill_(1.0)
+        fus.norm.bias.zero_()
+    f = torch.randn(b, k, D) + 3.0  # no zeros in F
+    out = fus.combine(torch.zeros(b, m, k, D), f)
+    zero_value = out.mode(dim=-1, keepdim=True).values
+    return (out - zero_value).abs() < 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_f_dropout_masks(catalog, k):
+    torch.manual_seed(0)
+    b, m, p = 200, 3, 0.5
+    shared = build(catalog, "mpl", m, dropout=p).train()
+    per = build(catalog, "mpl", m, dropout=p, f_dropout_masks="per_modality").train()
+    drop_s, drop_p = _f_dropout_pattern(shared, b, m, k), _f_dropout_pattern(per, b, m, k)
+    for drop in (drop_s, drop_p):
+        assert abs(drop.float().mean().item() - p) < 0.02  # the dropout rate
+    # shared: every modality sees the same mask; per_modality (the reference): independent masks,
+    # so two modalities agree on about p^2 + (1-p)^2 = 1/2 of the positions.
+    assert torch.equal(drop_s, drop_s[:, :1].expand_as(drop_s))
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        agree = (drop_p[:, i] == drop_p[:, j]).float().mean().item()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02, (i, j, agree)
+    # Within one modality the mask is elementwise, not per token or per sample.
+    assert drop_p[:, 0].float().mean(-1).std() > 0
+
+
+def test_f_dropout_masks_in_the_full_forward(catalog):
+    # Identical tokens in every modality, F dropout per modality: the three M_i differ in train mode
+    # (shared: all equal), and all coincide in eval mode.
+    torch.manual_seed(0)
+    z = torch.randn(4, 1, 3, D).expand(-1, 3, -1, -1).contiguous()
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    for masks, equal in (("shared", True), ("per_modality", False)):
+        fus = build(catalog, "cmha", 3, dropout=0.5, residual_scale=1.0, f_dropout_masks=masks,
+                    rotations=REF_ROTATIONS, modality_names=("ecg", "cxr", "lab"))
+        out = fus.train()(z, mask).tokens
+        assert torch.allclose(out[:, 0], out[:, 1]) == equal and torch.allclose(out[:, 0], out[:, 2]) == equal
+        out = fus.eval()(z, mask).tokens
+        torch.testing.assert_close(out[:, 0], out[:, 1], rtol=0, atol=0)
+
+
+def test_reference_dropout_rule_matches_in_distribution(catalog):
+    # K=1, F dropout per modality: the reference re-stated (three calls, dropout once per output
+    # modality) and ours give the same mean and spread of M_i over many draws.
+    torch.manual_seed(0)
+    order = ("ecg", "cxr", "lab")
+    fus = build(catalog, "cmha", 3, dropout=0.3, residual_scale=1.0, f_dropout_masks="per_modality",
+                rotations=REF_ROTATIONS, modality_names=order)
+    randomize(fus)
+    fus.train()
+    n = 4000
+    z = torch.randn(1, 3, 1, D).expand(n, -1, -1, -1).contiguous()
+    with torch.no_grad():
+        ours = fus(z, torch.ones(n, 3, dtype=torch.bool)).tokens
+        ref = ref_cmha(fus, {nm: z[:, i] for i, nm in enumerate(order)})
+        ref = torch.stack([ref[nm] for nm in order], dim=1)
+    torch.testing.assert_close(ours.mean(0), ref.mean(0), rtol=0, atol=0.05)
+    torch.testing.assert_close(ours.std(0), ref.std(0), rtol=0, atol=0.05)
+    # Per-modality masks: the residual M_i - M_j is not identically zero (it would be with one mask).
+    assert (ours[:, 0] - ours[:, 1]).abs().amax() > 1e-3

@@ -1,4 +1,7 @@
-"""GRPO: pure functions, parity of the loss with TRL 1.16's GRPOTrainer, the loop and bit-exact resume."""
+"""GRPO: pure functions (equal to TRL's formulas) and the Trainer on a tiny multimodal model.
+
+The loss against TRL 1.16's own GRPOTrainer, off-policy and with a reference unlike the policy, is in
+tests/test_grpo_parity.py; resume after a real kill in tests/test_orchestrator.py."""
 
 from __future__ import annotations
 
@@ -8,18 +11,15 @@ import pytest
 import torch
 
 from medtvt_core.config import RFTConfig
-from medtvt_core.errors import CheckpointError, PluginContractError
+from medtvt_core.errors import PluginContractError
+from medtvt_core.errors import ConfigError
 from medtvt_core.training.grpo import (
-    CausalLMPolicy,
-    GRPOLoop,
-    GRPOPolicy,
     completion_mask_after_eos,
     compute_rewards,
     frozen_reference,
     group_advantages,
     grpo_loss,
     nanstd,
-    repeat_batch,
     selective_log_softmax,
     weighted_rewards,
 )
@@ -116,17 +116,6 @@ def test_completion_mask_keeps_first_eos_only():
     assert completion_mask_after_eos(ids, [7, 1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
 
-def test_repeat_batch_keeps_present_rows_in_order():
-    batch = {"ids": ["a", "b"], "modality_mask": torch.tensor([[True, False], [True, True]]),
-             "modality_features": {"ecg": torch.tensor([[1.0], [2.0]]), "cxr": torch.tensor([[3.0]])},
-             "modality_names": ("ecg", "cxr"), "note": None}
-    r = repeat_batch(batch, 2)
-    assert r["ids"] == ["a", "a", "b", "b"] and r["modality_names"] == ("ecg", "ecg", "cxr", "cxr")
-    assert r["modality_mask"][:, 1].tolist() == [False, False, True, True]
-    assert r["modality_features"]["ecg"].flatten().tolist() == [1.0, 1.0, 2.0, 2.0]
-    assert r["modality_features"]["cxr"].flatten().tolist() == [3.0, 3.0] and r["note"] is None
-
-
 def test_padding_tokens_do_not_count():
     g = torch.Generator().manual_seed(0)
     logp, old, ref = (-torch.rand(4, 6, generator=g) for _ in range(3))
@@ -156,250 +145,167 @@ def test_accumulation_scaling_matches_one_big_batch():
         torch.testing.assert_close(parts.mean() if combine == "mean" else parts.sum(), full)
 
 
-# --------------------------------------------------------------------------- parity with TRL
-def _trl_trainer(model, tk, out, *, loss_type, beta, temperature, max_len):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+# --------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from medtvt_core.data.synth import synthesize
 
-    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=6, num_generations=2, beta=beta,
-                      loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, temperature=temperature,
-                      max_completion_length=max_len, use_vllm=False, report_to="none", bf16=False,
-                      activation_checkpointing=False, use_cpu=True, save_strategy="no", logging_steps=1)
-    trainer = GRPOTrainer(model=model, reward_funcs=[lambda prompts, completions, **k: [0.0] * len(prompts)],
-                          args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tk)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop; we call compute_loss directly
-    return trainer
+    root = tmp_path_factory.mktemp("grpo") / "data"
+    synthesize(root, n_patients=16, seed=3)
+    return root
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_loss_and_grads_equal_trl(tiny_dir, tmp_path, loss_type):
-    """Our grpo_loss on CausalLMPolicy log-probs == GRPOTrainer.compute_loss (loss, grads, KL, clip ratios).
+def _tiny(cohort, *, on_bad_sample="fail"):
+    """A tiny multimodal model (installed plugins) and the cohort's disease-level training split."""
+    from helpers import make_model
+    from medtvt_core.build import build_readers
+    from medtvt_core.data.dataset import open_splits
+    from medtvt_core.model.stages import configure_trainable
+    from medtvt_core.plugins import get_catalog
 
-    TRL's reference model is loaded from the saved directory (offline); ours is frozen_reference().
-    Old log-probs are perturbed so that clipping is active on both sides.
-    """
-    G, L, T, beta = 2, 7, 0.7, 0.04
-    model, tk = _load(tiny_dir)
-    policy = CausalLMPolicy(model, tk)
-    ref = frozen_reference(policy)  # before TRL patches `model.forward` (a deepcopy would share its closure)
-    trainer = _trl_trainer(model, tk, tmp_path, loss_type=loss_type, beta=beta, temperature=T, max_len=L)
-
-    pid, pmask = policy.tokenize_prompts(PROMPTS)
-    pid, pmask = pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0)
-    g = torch.Generator().manual_seed(3)
-    cid = torch.randint(3, len(tk), (pid.size(0), L), generator=g)
-    cid[0, 2] = cid[3, 5] = cid[4, 0] = tk.eos_token_id
-    cmask = completion_mask_after_eos(cid, tk.eos_token_id)
-    cid = cid.masked_fill(cmask == 0, tk.pad_token_id)
-    adv = torch.tensor([1.2, -0.8, 0.5, -1.5, 0.9, -0.3])
-    with torch.no_grad():
-        lp0 = policy.per_token_logps(None, pid, pmask, cid, cmask, temperature=T)
-        old = lp0 + (torch.rand(lp0.shape, generator=g) - 0.5) * 0.8 * cmask
-        ref_ours = ref.per_token_logps(None, pid, pmask, cid, cmask, temperature=T)
-        ref_trl = trainer._get_per_token_logps_and_entropies(
-            trainer.ref_model, torch.cat([pid, cid], 1), torch.cat([pmask, cmask], 1), L)[0]
-    torch.testing.assert_close(ref_ours * cmask, ref_trl * cmask, atol=1e-6, rtol=1e-5)
-    chunked = CausalLMPolicy(model, tk, logps_batch_size=4)
-    with torch.no_grad():
-        torch.testing.assert_close(chunked.per_token_logps(None, pid, pmask, cid, cmask, temperature=T), lp0)
-
-    inputs = {"prompt_ids": pid, "prompt_mask": pmask, "completion_ids": cid, "completion_mask": cmask,
-              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref_trl,
-              "num_items_in_batch": cmask.sum()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_trl = trainer.compute_loss(trainer.model, inputs)
-    loss_trl.backward()
-    grads_trl = [p.grad.clone() for p in params]
-    model.zero_grad(set_to_none=True)
-
-    logps = policy.per_token_logps(None, pid, pmask, cid, cmask, temperature=T)
-    loss, m = grpo_loss(logps, old, ref_ours, adv, cmask, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
-                        loss_type=loss_type, max_completion_length=L, num_items_in_batch=cmask.sum())
-    loss.backward()
-    torch.testing.assert_close(loss, loss_trl.detach(), atol=1e-6, rtol=1e-5)
-    for a, b in zip(params, grads_trl):
-        torch.testing.assert_close(a.grad, b, atol=1e-6, rtol=1e-4)
-    tm = trainer._metrics["train"]
-    for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert m[k].item() == pytest.approx(tm[k][-1], abs=1e-6), k
-    assert m["clip_ratio/low_mean"] > 0 and m["clip_ratio/high_mean"] > 0
-
-
-# --------------------------------------------------------------------------- reference and loop
-def test_frozen_reference_is_sft_adapter_not_base(tiny_dir):
-    from peft import LoraConfig, get_peft_model
-
-    model, tk = _load(tiny_dir)
-    torch.manual_seed(1)  # init_lora_weights=False: non-zero B, i.e. a "trained" SFT adapter
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    policy = CausalLMPolicy(peft_model, tk)
-    ref = frozen_reference(policy)
-    assert not any(p.requires_grad for p in ref.model.parameters())
-    assert all(p.requires_grad for p in policy.trainable_parameters())
-    pairs = list(zip(peft_model.named_parameters(), ref.model.named_parameters()))
-    assert all((p is q) == ("lora_" not in n) for (n, p), (_, q) in pairs)  # base shared, adapter copied
-    full = frozen_reference(policy, share_frozen=False)
-    assert not any(p is q for p, q in zip(peft_model.parameters(), full.model.parameters()))
-    pid, pmask = policy.tokenize_prompts(PROMPTS)
-    cid = torch.randint(3, len(tk), (3, 5), generator=torch.Generator().manual_seed(0))
-    cmask = torch.ones_like(cid)
-    with torch.no_grad():
-        sft = policy.per_token_logps(None, pid, pmask, cid, cmask)
-        r = ref.per_token_logps(None, pid, pmask, cid, cmask)
-        with peft_model.disable_adapter():
-            base = policy.per_token_logps(None, pid, pmask, cid, cmask)
-    torch.testing.assert_close(r, sft)
-    assert (r - base).abs().max() > 1e-3
-    with torch.no_grad():
-        policy.trainable_parameters()[0].add_(1.0)  # training the policy leaves the reference alone
-        torch.testing.assert_close(ref.per_token_logps(None, pid, pmask, cid, cmask), r)
+    names = {"ecg": "ecgfm-ked", "cxr": "vit", "lab": "symile"}
+    model, proc = make_model(list(names), {m: {"name": n, "options": {"variant": "tiny"}} for m, n in names.items()},
+                             get_catalog())
+    configure_trainable(model, "rft")
+    readers = build_readers(list(names), {"cxr": {"train_crop": "center"}})
+    ds = open_splits(cohort, modalities=readers, train_file="qa/disease_train.json", on_bad_sample=on_bad_sample,
+                     persist_stats=False)["train"]
+    return model, proc, ds
 
 
 def _rft(**kw):
-    base = dict(max_steps=4, batch_size=2, grad_accum=2, num_generations=2, lr=1e-3, beta=0.04,
-                num_iterations=2, temperature=1.0, top_p=0.95, max_prompt_length=16, max_completion_length=6,
-                logging_steps=1, save_steps=2)
+    base = dict(max_steps=2, batch_size=2, grad_accum=2, num_generations=2, lr=1e-3, beta=0.04, num_iterations=1,
+                temperature=1.0, top_p=0.95, max_prompt_length=256, max_completion_length=6, logging_steps=1,
+                save_steps=100)
     base.update(kw)
     return RFTConfig(**base)
 
 
-DATA = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS * 2, ["fever", "pain", "yes", "no", "high", "low"])]
+def _trainer(model, proc, ds, out, rewards, **kw):
+    from medtvt_core.training.grpo import MedTVTGRPOTrainer, grpo_arguments
+
+    cfg = _rft(**kw)
+    args = grpo_arguments(cfg, out, seed=7, device="cpu", progress=False)
+    return MedTVTGRPOTrainer(model, args, rft=cfg, processor=proc, train_dataset=ds, reward_funcs=rewards,
+                             reward_names=[f.__name__ for f in rewards])
 
 
-def _reward_len(prompts, completions, answer, completion_ids, **kw):
-    assert len(answer) == len(prompts) == len(completion_ids)
+def _len_reward(prompts, completions, completion_ids, **kw):
     return [len(c) / 10.0 for c in completion_ids]
 
 
-def _reward_answer(prompts, completions, answer, **kw):
-    return [None if i % 3 == 0 else float(a in c) for i, (c, a) in enumerate(zip(completions, answer))]
-
-
-def _loop(d, out=None, callbacks=(), **kw):
-    model, tk = _load(d)
-    policy = CausalLMPolicy(model, tk, max_prompt_length=16)
-    return GRPOLoop(policy, [_reward_len, _reward_answer], DATA, _rft(**kw), reward_weights=[1.0, 0.5], seed=7,
-                    output_dir=out, callbacks=callbacks)
-
-
-def test_loop_trains_and_logs(tiny_dir):
-    logs = []
-    loop = _loop(tiny_dir, callbacks=[lambda ev, lp, rec: logs.append((ev, rec.get("step")))])
-    assert isinstance(loop.policy, GRPOPolicy) and loop.ref_policy is not None
-    before = [p.detach().clone() for p in loop.params]
-    hist = loop.train()
-    assert [h["step"] for h in hist] == [1, 2, 3, 4] and loop.state.rounds == 2
-    for k in ("loss", "kl", "reward", "rewards/_reward_len/mean", "rewards/_reward_answer/mean",
-              "clip_ratio/region_mean", "grad_norm", "learning_rate", "completions/mean_length",
-              "rollout/tokens_per_second"):
-        assert k in hist[-1] and math.isfinite(hist[-1][k]), k
-    assert hist[0]["kl"] == 0.0 and hist[1]["kl"] > 0.0  # second iteration on the same rollout moved away
-    assert any(not torch.equal(a, b) for a, b in zip(before, loop.params))
-    assert ("log", 4) in logs and logs[-1] == ("end", 4)
-    # beta = 0: no reference model is built; every loss type runs
-    assert _loop(tiny_dir, beta=0.0, max_steps=1).ref_policy is None
-    for lt in ("bnpo", "dr_grpo", "dapo"):
-        h = _loop(tiny_dir, loss_type=lt, max_steps=1, num_iterations=1).train()
-        assert math.isfinite(h[-1]["loss"]) and "kl" in h[-1]
-
-
-def _run_then_kill9(model_dir, out):
-    """Child process: train, and SIGKILL itself right after the first checkpoint."""
-    import os
-    import signal
-
-    def kill(event, loop, logs):
-        if event == "save":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    _loop(model_dir, out, callbacks=[kill]).train()
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
-def test_resume_after_real_kill_is_bit_identical(tiny_dir, tmp_path):
-    """Kill -9 a run after its first checkpoint (step 2 of 4), resume in a fresh loop: same result.
-
-    The killed run is a forked child (no second interpreter start-up); one thread everywhere so
-    the child and the parent reduce in the same order.
-    """
-    import multiprocessing as mp
-
-    torch.set_num_threads(1)  # the autouse fixture restores the count
-    child = mp.get_context("fork").Process(target=_run_then_kill9, args=(tiny_dir, tmp_path / "b"))
-    child.start()
-    child.join(300)
-    assert child.exitcode == -9
-    assert GRPOLoop.latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
-
-    full = _loop(tiny_dir, tmp_path / "a")
-    full.train()
-    resumed = _loop(tiny_dir, tmp_path / "b")
-    resumed.train(resume_from="latest")
-    assert resumed.state.global_step == 4
-    for a, b in zip(full.params, resumed.params):
-        assert torch.equal(a, b)
-    for a, b in zip(full.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
-        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    drop = ("step_time", "round_seconds", "rollout/seconds", "rollout/tokens_per_second")
-    strip = [[{k: v for k, v in h.items() if k not in drop} for h in lp.history] for lp in (full, resumed)]
-    assert strip[0] == strip[1]
-    with pytest.raises(CheckpointError, match="missing"):
-        resumed.load_checkpoint(tmp_path)
-
-
-# --------------------------------------------------------------------------- the multimodal model
-_CORPUS = ["<think> irregular rhythm, raised creatinine </think><answer> Atrial Fibrillation; Sepsis </answer>",
-           "The ECG <ecg> shows atrial fibrillation. The chest x-ray <cxr> shows consolidation.",
-           "Labs <lab>: creatinine raised, white cells raised, lactate normal. Which diseases?"] * 20
-
-
-def test_loop_drives_the_multimodal_model(tmp_path):
-    """GRPOLoop + MedTVTPolicy on a tiny MedTVTModel (installed plugins, tiny variants), TRL-style rewards."""
-    from helpers import make_model
-    from medtvt_core.model.stages import configure_trainable
-    from medtvt_core.plugins import get_catalog
-    from medtvt_core.training.grpo import MedTVTPolicy
-
-    cat = get_catalog()
-    need = {"encoders": ["ecgfm-ked", "vit", "symile"], "fusion": ["mpl"], "llms": ["llama-lora"],
-            "rewards": ["format", "jaccard"]}
-    missing = [f"{k}:{n}" for k, names in need.items() for n in names if n not in cat[k]]
-    assert not missing, f"built-in plugins missing (reinstall the package): {', '.join(missing)}"
-    names = {"ecg": "ecgfm-ked", "cxr": "vit", "lab": "symile"}
-    model, proc = make_model(list(names), {m: {"name": n, "options": {"variant": "tiny"}} for m, n in names.items()},
-                             cat)
-    configure_trainable(model, "rft")
-    g = torch.Generator().manual_seed(0)
-    shapes = {m: model.encoders[m].input_shape for m in names}
-    present = [(True, True, True), (False, True, True), (True, False, True), (True, True, False)]
-    records = []
-    for i, pr in enumerate(present):
-        parts = [f"{m} <{m}>" if p else f"({m} not available)" for m, p in zip(names, pr)]
-        records.append({"id": i, "prompt": " ".join(parts) + ". Which diseases?",
-                        "answer": "<answer> Atrial Fibrillation; Sepsis </answer>", "present": pr,
-                        "inputs": {m: torch.randn(shapes[m], generator=g) for m, p in zip(names, pr) if p}})
-
-    def collate(recs):
-        mask = torch.tensor([r["present"] for r in recs], dtype=torch.bool)
-        inputs = {m: torch.stack([r["inputs"][m] for r in recs if m in r["inputs"]]) for m in names
-                  if any(m in r["inputs"] for r in recs)}
-        return {"ids": [r["id"] for r in recs], "prompts": [r["prompt"] for r in recs], "modality_mask": mask,
-                "modality_inputs": inputs}
-
-    policy = MedTVTPolicy(model, proc, max_prompt_length=64)
-    loop = GRPOLoop(policy, [cat.rewards.get("format"), cat.rewards.get("jaccard")], records,
-                    _rft(max_steps=2, num_iterations=1, grad_accum=1, max_completion_length=6), collate_fn=collate,
-                    reward_names=["format", "jaccard"], seed=0)
-    ref_model = loop.ref_policy.model
+def test_frozen_reference_is_the_sft_model_not_the_base(cohort):
+    model, proc, ds = _tiny(cohort)
+    with torch.no_grad():  # a "trained" SFT adapter and fusion
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    ref = frozen_reference(model)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    shared = {n for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()) if p is q}
+    shared = {n for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()) if p is q}
     assert shared == frozen and frozen  # encoders and LLM base shared, LoRA + MPL copied
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    full = frozen_reference(model, share_frozen=False)
+    assert not any(p is q for p, q in zip(model.parameters(), full.parameters()))
+    batch = ds.collator()([ds[0], ds[1]])
+    f = proc.train_features(batch["prompts"], batch["answers"])
+    kw = dict(input_ids=f["input_ids"], attention_mask=f["attention_mask"], modality_mask=batch["modality_mask"],
+              modality_features=batch["modality_features"], modality_inputs=batch["modality_inputs"])
+    model.eval()
+    with torch.no_grad():
+        sft, r = model(**kw).logits, ref(**kw).logits
+        with model.llm.disable_adapter():
+            base = model(**kw).logits
+    torch.testing.assert_close(r, sft)
+    assert (r - base).abs().max() > 1e-4
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)  # training leaves the reference alone
+        torch.testing.assert_close(ref(**kw).logits, r)
+
+
+def test_trainer_trains_logs_and_shares_frozen_weights(cohort, tmp_path):
+    model, proc, ds = _tiny(cohort)
+    seen = []
+
+    def answer_reward(prompts, completions, answer, ids, **kw):
+        seen.extend(zip(ids, answer))
+        return [None if i % 3 == 0 else float("Sepsis" in c) for i, c in enumerate(completions)]
+
+    tr = _trainer(model, proc, ds, tmp_path, [_len_reward, answer_reward])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    hist = loop.train()
-    assert len(hist) == 2 and all(math.isfinite(h["loss"]) and math.isfinite(h["kl"]) for h in hist)
-    assert "rewards/jaccard/mean" in hist[-1]
+    tr.train()
+    logs = [h for h in tr.state.log_history if "reward" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for k in ("loss", "kl", "reward", "reward_std", "frac_reward_zero_std", "rewards/_len_reward/mean",
+              "rewards/answer_reward/mean", "clip_ratio/region_mean", "grad_norm", "learning_rate",
+              "completions/mean_length"):
+        assert k in logs[-1] and logs[-1][k] is not None and math.isfinite(logs[-1][k]), k
     after = dict(model.named_parameters())
-    assert any(not torch.equal(after[n], v) for n, v in before.items() if "fusion" in n)
+    assert any(not torch.equal(after[n], v) for n, v in before.items() if n.startswith("fusion."))
     assert any(not torch.equal(after[n], v) for n, v in before.items() if "lora_" in n)
-    assert all(torch.equal(dict(ref_model.named_parameters())[n], v) for n, v in before.items())
+    ref = dict(tr.ref_model.named_parameters())
+    assert all(torch.equal(ref[n], v) for n, v in before.items())  # pi_ref stays the SFT model
+    # every reward call got the ground truth of its own record: 2 steps x 2 micro-batches x 2 prompts x G=2
+    truth = {r.id: r.answer for r in ds.records}
+    assert len(seen) == 16 and all(truth[i] == a for i, a in seen)
+    assert _trainer(*_tiny(cohort), tmp_path / "b0", [_len_reward], beta=0.0).ref_model is None
+
+
+def test_rollouts_do_not_depend_on_batching(cohort, tmp_path):
+    """A prompt's G completions come from its own seeded generator: the same whatever its batch."""
+    model, proc, ds = _tiny(cohort)
+    comps: dict[int, list[str]] = {}
+
+    def spy(prompts, completions, ids, **kw):
+        for i, c in zip(ids, completions):
+            comps.setdefault(i, []).append(c)
+        return [0.0] * len(completions)
+
+    results = []
+    for bs, ga in ((4, 1), (1, 4)):
+        comps.clear()
+        m, p, d = _tiny(cohort)
+        _trainer(m, p, d, tmp_path / f"{bs}", [spy], batch_size=bs, grad_accum=ga, max_steps=1, lr=1e-12).train()
+        results.append({k: sorted(v) for k, v in comps.items()})
+    assert results[0] == results[1] and len(results[0]) == 4
+
+
+def test_bad_sample_during_rft_is_skipped_and_counted(cohort, tmp_path):
+    """A file that breaks at read time under on_bad_sample=skip: the record is left out of its window,
+    counted in the logs and in dataset.skipped, and no other record gets its reward."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(cohort, root)
+    model, proc, ds = _tiny(root, on_bad_sample="skip")
+    victim = ds.records[0]
+    img = root / victim.ref("image")
+    img.write_bytes(img.read_bytes()[:100])  # truncated after the dataset was opened: fails when read
+    seen = []
+
+    def answer_reward(prompts, completions, answer, ids, **kw):
+        seen.extend(zip(ids, answer))
+        return [float(len(c) > 3) for c in completions]
+
+    tr = _trainer(model, proc, ds, tmp_path / "out", [answer_reward], batch_size=4, grad_accum=1,
+                  max_steps=3, lr=1e-4)
+    tr.train()
+    assert any(s.id == victim.id and "unreadable image" in s.reason for s in ds.skipped)
+    assert victim.id not in {i for i, _ in seen}
+    truth = {r.id: r.answer for r in ds.records}
+    assert all(truth[i] == a for i, a in seen)
+    assert any(h.get("skipped_prompts") for h in tr.state.log_history)
+
+
+def test_layout_errors_before_training():
+    from medtvt_core.training.grpo import PromptWindowSampler, check_rft_layout
+
+    with pytest.raises(ConfigError, match="4 process\\(es\\) x rft.batch_size=2 x rft.grad_accum=2 = 16 prompts per step, "
+                                          "but the training split has 10"):
+        check_rft_layout(_rft(), world_size=4, n_prompts=10)
+    with pytest.raises(ConfigError, match="save_steps=3 must be a multiple of rft.num_iterations=2"):
+        check_rft_layout(_rft(save_steps=3, num_iterations=2), world_size=1)
+    s = [PromptWindowSampler(10, per_process=2, num_processes=2, rank=r, repeats=3, seed=0) for r in (0, 1)]
+    b0, b1 = list(s[0]), list(s[1])
+    assert len(b0) == len(s[0]) == 6 and b0[0] == b0[1] == b0[2] and not set(b0[0]) & set(b1[0])
+    assert sorted(b0[0] + b1[0] + b0[3] + b1[3]) == sorted(set(b0[0] + b1[0] + b0[3] + b1[3]))  # no repeats

@@ -218,6 +218,17 @@ class ModelTesterMixin:
             assert cached.shape[0] == 3 and (not forced or cached.shape[1] == 12)
         assert len(set(cached[0].tolist())) > 1, "degenerate model: the comparison would be vacuous"
 
+    def test_generate_never_writes_a_placeholder(self, model, proc):
+        _spread_llm_weights(model)
+        model.eval()
+        b = self.batch(model, proc, [(True, True, True), (False, True, True)], generation=True)
+        head = model.llm.get_output_embeddings().weight
+        ph = list(model.placeholder_ids.values())
+        with torch.no_grad():  # make the placeholders by far the likeliest next tokens
+            head[ph] = head[ph] * 0 + head.abs().max() * 20
+        out = model.generate(**b, do_sample=True, num_return_sequences=3, max_new_tokens=10, min_new_tokens=10)
+        assert not torch.isin(out, torch.tensor(ph)).any()
+
     def test_generate_g_samples_per_prompt(self, model, proc):
         _spread_llm_weights(model)
         model.eval()

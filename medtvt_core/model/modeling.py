@@ -101,7 +101,8 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         # Identity until fitted (projector.standardize_features); saved with the projectors.
         self.feature_norms = nn.ModuleDict({m: FeatureStandardizer(int(self.encoders[m].feature_shape[-1]))
                                             for m in config.modalities})
-        self.fusion = build_fusion(config.fusion, d, len(config.modalities), seed, catalog)
+        self.fusion = build_fusion(config.fusion, d, len(config.modalities), seed, catalog,
+                                   modality_names=list(config.modalities))
         self.no_fusion = IdentityFusion(d, len(config.modalities))
         self.post_init()
 
@@ -130,7 +131,8 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         variant that reuses another variant's PT stage, which never ran the fusion)."""
         from ..build import build_fusion
 
-        self.fusion = build_fusion(fusion, self.hidden_size, len(self.modalities), seed, catalog).to(self.device)
+        self.fusion = build_fusion(fusion, self.hidden_size, len(self.modalities), seed, catalog,
+                                   modality_names=self.modalities).to(self.device)
         self.config.fusion = {"name": fusion["name"], "options": dict(fusion.get("options") or {})}
 
     # ---------------------------------------------------------------- modality tokens
@@ -310,9 +312,11 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         eos = tc.eos_token_id if eos_token_id is None else eos_token_id
         pad = (tc.pad_token_id if tc.pad_token_id is not None else eos if isinstance(eos, int) else eos[0]) \
             if pad_token_id is None else pad_token_id
+        # A placeholder is an input slot, never text: the model must not write one (it would also break
+        # scoring the completion, whose placeholders must match the modality tokens).
         gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                    num_return_sequences=g, eos_token_id=eos, pad_token_id=pad, bos_token_id=tc.bos_token_id,
-                   use_cache=use_cache)
+                   use_cache=use_cache, suppress_tokens=sorted(self.config.placeholder_token_ids.values()))
         if do_sample:  # passed only when sampling: transformers warns about unused sampling options
             gen.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
         config = GenerationConfig(**gen)

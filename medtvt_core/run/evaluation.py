@@ -118,14 +118,20 @@ def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], cata
 
 
 def evaluate_records(records: Sequence[dict[str, Any]], cfg: EvalConfig, *, train_answers: Sequence[str] = ()) -> dict[str, Any]:
-    """Clinical efficacy + NLG metrics (+ majority baseline when ``train_answers`` are given)."""
+    """Clinical efficacy + NLG metrics under ``cfg.protocols`` (+ majority baseline when ``train_answers``
+    are given; the baseline is scored with the strict protocol)."""
     from ..data.labels import DISEASES
-    from ..metrics import compute_all, majority_baseline
+    from ..metrics import compute_protocols, majority_baseline
 
     preds = [r["prediction"] for r in records]
     refs = [r["reference"] for r in records]
-    res = compute_all(preds, refs, metrics=list(cfg.metrics), wordnet_dir=cfg.wordnet_dir,
-                      bertscore_model=cfg.bertscore_model, bertscore_layers=cfg.bertscore_layers)
+    by = compute_protocols(preds, refs, protocols=list(cfg.protocols), metrics=list(cfg.metrics),
+                           wordnet_dir=cfg.wordnet_dir, bertscore_model=cfg.bertscore_model,
+                           bertscore_layers=cfg.bertscore_layers)
+    primary = cfg.protocols[0]
+    # ce/nlg: the primary protocol's numbers; every protocol's under by_protocol (each says which it is).
+    res: dict[str, Any] = {"protocol": primary, "ce": by[primary]["ce"], "nlg": by[primary]["nlg"],
+                           "by_protocol": {p: {"protocol": p, "ce": r["ce"], "nlg": r["nlg"]} for p, r in by.items()}}
     res["n"] = len(records)
     res["modality_weights"] = weights_by_disease(records, DISEASES)
     if train_answers:

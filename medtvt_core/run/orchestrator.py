@@ -166,6 +166,10 @@ class Run:
         cfg = self.cfg
         catalog = get_catalog()
         validate_run(cfg, catalog)
+        if cfg.weights_required:
+            from ..build import required_weights
+
+            required_weights(cfg, catalog)
         self._check_run_dir()
         set_deterministic(cfg.deterministic)
         if self.is_main:
@@ -191,6 +195,10 @@ class Run:
             self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
             train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
             catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        if "rft" in cfg.stages:  # a layout the processes cannot share fails now, not after PT and SFT
+            from ..training.grpo import check_rft_layout
+
+            check_rft_layout(cfg.rft, world_size=self.dist.num_processes, n_prompts=len(self.splits["train"]))
         self.barrier()
 
     def _attach_cache(self) -> None:
@@ -345,8 +353,8 @@ class Run:
         funcs = [catalog.rewards.get(r.name) for r in cfg.rewards]
         return run_grpo(self.model, self.processor, self.splits["train"], cfg.rft, funcs,
                         reward_names=[r.name for r in cfg.rewards], reward_weights=[r.weight for r in cfg.rewards],
-                        output_dir=sdir, seed=cfg.seed, device=cfg.device, resume=resume,
-                        on_log=self._rft_echo if self.progress else None)
+                        output_dir=sdir, seed=cfg.seed, device=cfg.device, resume=resume, progress=self.progress,
+                        on_log=self._rft_echo)
 
     def _rft_echo(self, logs: dict[str, Any]) -> None:
         if "reward" in logs:
@@ -363,6 +371,13 @@ class Run:
                              rewards=self.cfg.rewards, train_answers=[r.answer for r in train.records] if train else (),
                              predictions_path=self.out / "eval" / f"{stage}.jsonl" if self.is_main else None,
                              progress=self.progress)
+        if self.cfg.eval.attribution and stage == self.cfg.stages[-1] and len(self.model.modalities) > 1:
+            from .attribution import dataset_attribution
+
+            e = self.cfg.eval
+            res["attribution"] = dataset_attribution(self.model, self.processor, self.splits["test"],
+                                                     batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                                     limit=e.limit)
         self.timings[f"eval_{stage}"] = time.perf_counter() - t0
         return res
 

@@ -47,28 +47,50 @@ def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[st
     return files
 
 
-def _plot_weights(out: Path, weights: dict[str, dict[str, float]], stage: str) -> str | None:
-    if not weights:
+def _plot_weights(out: Path, weights: dict[str, dict[str, float]], attribution: dict[str, Any] | None,
+                  stage: str) -> str | None:
+    """Bars per disease: the mean CAO gate of each modality and, when computed, the drop in the rate
+    of naming the disease when that modality is masked."""
+    per = (attribution or {}).get("per_disease", {})
+    if not weights and not per:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    diseases = list(weights)
-    mods = sorted({m for w in weights.values() for m in w})
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.8 / max(len(mods), 1)
-    for i, m in enumerate(mods):
-        ax.bar([j + i * width for j in range(len(diseases))], [weights[d].get(m, 0.0) for d in diseases], width, label=m.upper())
-    ax.set_xticks([j + width * (len(mods) - 1) / 2 for j in range(len(diseases))])
-    ax.set_xticklabels([d.replace(" ", "\n") for d in diseases], fontsize=7)
-    ax.set_ylabel("mean CAO gate"), ax.set_title(f"Modality weights per disease ({stage.upper()})"), ax.legend()
+    panels = [(t, d) for t, d in (("mean CAO gate", {k: v for k, v in weights.items()}),
+                                  ("drop in P(named) when masked", {k: v["delta"] for k, v in per.items()})) if d]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, data) in zip(axes[0], panels):
+        diseases = list(data)
+        mods = sorted({m for w in data.values() for m in w})
+        width = 0.8 / max(len(mods), 1)
+        for i, m in enumerate(mods):
+            ax.bar([j + i * width for j in range(len(diseases))], [data[d].get(m, 0.0) for d in diseases], width,
+                   label=m.upper())
+        ax.set_xticks([j + width * (len(mods) - 1) / 2 for j in range(len(diseases))])
+        ax.set_xticklabels([d.replace(" ", "\n") for d in diseases], fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_title(f"{title} ({stage.upper()})", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     name = "modality_weights.png"
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
     return name
+
+
+def _saturation(weights: dict[str, dict[str, float]]) -> str | None:
+    vals = [v for w in weights.values() for v in w.values()]
+    if not vals:
+        return None
+    hi, lo = sum(v > 0.95 for v in vals), sum(v < 0.05 for v in vals)
+    if hi + lo >= 0.8 * len(vals):
+        return (f"The CAO gates saturate: {hi} of {len(vals)} (disease, modality) means are above 0.95 and {lo} "
+                f"below 0.05. A saturated gate scales a modality's tokens by ~1 or ~0 for every patient, so it "
+                f"does not say which modality drove a diagnosis; read the masking column instead.")
+    return None
 
 
 def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: dict[str, list[dict[str, Any]]]) -> Path:
@@ -79,7 +101,7 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
              f"LLM `{cfg.llm.name}` {cfg.llm.options or ''}",
              f"- rewards: {', '.join(f'{r.name} x{r.weight:g}' for r in cfg.rewards)}", ""]
     if stages:
-        lines += ["## Clinical efficacy (test split)", "",
+        lines += [f"## Clinical efficacy (test split, `{next(iter(stages.values())).get('protocol', 'strict')}` protocol)", "",
                   "| stage | precision | recall | F1 | AUC | answer rate | BLEU-4 | ROUGE-L | METEOR | BERTScore | mean reward |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, m in stages.items():
@@ -104,16 +126,43 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
                       "|---|---|---|---|---|---|"]
             for d, v in per.items():
                 lines.append(f"| {d} | {v.get('support')} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | {_fmt(v.get('auc'))} |")
-        w = stages[last].get("modality_weights")
-        img = _plot_weights(out, w, last) if w else None
-        if w:
-            mods = sorted({m for x in w.values() for m in x})
-            lines += ["", f"## Modality weights per disease ({last.upper()}, mean CAO gate)", "",
-                      "| category | " + " | ".join(m.upper() for m in mods) + " |", "|---|" + "---|" * len(mods)]
-            for d, x in w.items():
-                lines.append(f"| {d} | " + " | ".join(_fmt(x.get(m)) for m in mods) + " |")
+        w = stages[last].get("modality_weights") or {}
+        att = stages[last].get("attribution")
+        img = _plot_weights(out, w, att, last)
+        per = (att or {}).get("per_disease", {})
+        if w or per:
+            mods = sorted({m for x in list(w.values()) + [v["delta"] for v in per.values()] for m in x})
+            lines += ["", f"## Modality attributions per disease ({last.upper()})", "",
+                      "Per disease, over test records whose reference holds it: the mean CAO gate of each modality, "
+                      "the share of greedy reports naming the disease with every modality, and the drop in that "
+                      "share when one modality is masked (re-generation; " + (att or {}).get("method", "not computed")
+                      + ").", "",
+                      "| category | n | named | " + " | ".join(f"gate {m.upper()}" for m in mods) + " | "
+                      + " | ".join(f"drop w/o {m.upper()}" for m in mods) + " |",
+                      "|---|---|---|" + "---|" * (2 * len(mods))]
+            for d in dict.fromkeys([*w, *per]):
+                pa = per.get(d, {})
+                lines.append(f"| {d} | {pa.get('n', '')} | {_fmt(pa.get('named'))} | "
+                             + " | ".join(_fmt(w.get(d, {}).get(m)) for m in mods) + " | "
+                             + " | ".join(_fmt(pa.get("delta", {}).get(m)) for m in mods) + " |")
+            sat = _saturation(w)
+            if sat:
+                lines += ["", sat]
             if img:
-                lines += ["", f"![modality weights]({img})"]
+                lines += ["", f"![modality attributions]({img})"]
+        ref = {s_: m["by_protocol"]["reference"] for s_, m in stages.items() if "reference" in m.get("by_protocol", {})}
+        if ref:
+            lines += ["", "## Reference protocol (the reference code's evaluate.py; comparable with the paper's tables)", "",
+                      "| stage | METEOR | ROUGE-L (recall) | BLEU | BERTScore (recall) | precision | recall | F1 | AUC (pooled) | n averaged |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for s_, m in ref.items():
+                ce, nlg = m["ce"], m["nlg"]
+                lines.append(f"| {s_.upper()} | {_fmt(nlg.get('meteor'))} | {_fmt(nlg.get('rouge'))} | {_fmt(nlg.get('bleu'))} | "
+                             f"{_fmt(nlg.get('bertscore'))} | {_fmt(ce.get('precision'))} | {_fmt(ce.get('recall'))} | "
+                             f"{_fmt(ce.get('f1'))} | {_fmt(ce.get('auc'))} | {ce.get('n_averaged', '')} |")
+            prim = next(iter(stages.values())).get("protocol", "strict")
+            lines += ["", f"The tables above use the `{prim}` protocol (metrics.json: `ce`/`nlg`; every protocol under "
+                          f"`by_protocol`)."]
     for f in _plot_curves(out, history):
         lines += ["", f"![{f[:-4]}]({f})"]
     t = summary.get("timings_s", {})

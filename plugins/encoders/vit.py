@@ -179,6 +179,15 @@ class VitEncoder(Encoder):
         self.freeze_backbone()
         self.vit.eval()
 
+    @classmethod
+    def declared_weight_files(cls, options: dict[str, Any]) -> list[Path]:
+        """The file ``weights`` names: itself, or the weights file inside a model directory."""
+        w = options.get("weights")
+        if w in (None, ""):
+            return []
+        p = Path(w).expanduser()
+        return [resolve_weights(p)] if p.is_dir() else [p]
+
     def load_backbone(self, path: str | Path, *, trust: bool = False) -> None:
         """Load local ViT weights (see :func:`read_vit_state`) strictly into the backbone."""
         state = read_vit_state(path, self.vit, trust=trust)

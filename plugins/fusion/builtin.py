@@ -10,13 +10,24 @@ shape, for any ``M >= 1`` and ``K >= 1``.  A masked modality takes no part: its 
 replaced by zeros before anything reads them, every attention rotation that uses it is
 dropped for that sample, its CAO input slot is zero, and its output tokens and weight are 0.
 
-CMHA (SPEC): one shared ``nn.MultiheadAttention`` applied ``M`` times; rotation ``r`` uses
-modality ``r`` as query, ``(r+1) % M`` as key and ``(r+2) % M`` as value (for the order
-C, E, L: (C,E,L), (E,L,C), (L,C,E)).  ``F`` = mean of the valid rotations' outputs
-``[B, K, D]`` (0 when none is valid); then ``M_i = LayerNorm(Z_i + residual_scale * dropout(F))``
-with one shared LayerNorm (``style="official"``, the reference code) or ``M_i = Z_i + F``
-(``style="paper"``).  Note: with ``M = 3`` every rotation uses all three modalities, so a
-sample missing any one gets ``F = 0``.
+CMHA (SPEC): one shared ``nn.MultiheadAttention`` applied once per rotation ``(query, key,
+value)`` of modalities.  Default (``rotations=None``): ``M`` cyclic rotations in the run's modality
+order, rotation ``r`` = ``(r, r+1, r+2) mod M``.  ``rotations`` names the triples explicitly by
+modality name, e.g. the reference's ``[[cxr, ecg, lab], [ecg, lab, cxr], [lab, cxr, ecg]]``
+whatever order the run lists its modalities in (the names come from the core's
+``modality_names`` keyword).  With one token per modality only the value modality matters (the
+softmax over one key is 1), so both orders give the same F; with ``K > 1`` they differ.
+``F`` = mean of the valid rotations' outputs ``[B, K, D]`` (0 when none is valid); then
+``M_i = LayerNorm(Z_i + residual_scale * dropout(F))`` with one shared LayerNorm
+(``style="official"``, the reference code) or ``M_i = Z_i + F`` (``style="paper"``).
+
+Dropout (official style): on the attention weights inside every rotation (independent masks per
+rotation, as the reference's separate calls), and on F before it joins each modality:
+``f_dropout_masks="shared"`` draws one mask for all modalities, ``"per_modality"`` one
+independent mask per modality (the reference calls its dropout once per output modality).
+
+Note: with ``M = 3`` every rotation uses all three modalities, so a sample missing any one gets
+``F = 0``.
 
 CAO (SPEC): ``g = sigmoid(Linear(M*D -> M)([mean_K M_1 : ... : mean_K M_M]))``,
 ``T_i = g_i * M_i``; ``g`` is returned as the per-sample modality weights.
@@ -24,10 +35,11 @@ CAO (SPEC): ``g = sigmoid(Linear(M*D -> M)([mean_K M_1 : ... : mean_K M_M]))``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from medtvt_core import hookimpl
@@ -40,6 +52,8 @@ __all__ = [
 ]
 
 Style = Literal["official", "paper"]
+FDropoutMasks = Literal["shared", "per_modality"]
+Rotation = tuple[str, str, str]
 
 
 # --------------------------------------------------------------------------- configs
@@ -53,6 +67,35 @@ class CMHAConfig(PluginConfig):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description=(
         "dropout on the attention weights and, in the official style, on F"))
     residual_scale: float = Field(0.01, description="factor on F before the LayerNorm (official style only)")
+    rotations: list[Rotation] | None = Field(None, description=(
+        "the (query, key, value) modality names of each attention rotation, e.g. the reference's "
+        "[[cxr, ecg, lab], [ecg, lab, cxr], [lab, cxr, ecg]]; null = M cyclic rotations "
+        "(r, r+1, r+2) in the run's modality order"))
+    f_dropout_masks: FDropoutMasks = Field("shared", description=(
+        "dropout on F in the official style: 'shared' = one mask for all modalities; 'per_modality' "
+        "= an independent mask for each modality's M_i (the reference code)"))
+
+    @field_validator("rotations")
+    @classmethod
+    def _rotations_well_formed(cls, value: list[Rotation] | None) -> list[Rotation] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one (query, key, value) triple, or be null for the cyclic default")
+        seen = set()
+        for rot in value:
+            if any(not name.strip() for name in rot):
+                raise ValueError(f"{list(rot)}: modality names must be non-empty")
+            if rot in seen:
+                raise ValueError(f"{list(rot)} is listed twice")
+            seen.add(rot)
+        return value
+
+    @model_validator(mode="after")
+    def _f_dropout_needs_official(self):
+        if self.f_dropout_masks != "shared" and self.style != "official":
+            raise ValueError("f_dropout_masks: only the 'official' style applies dropout to F")
+        return self
 
 
 class MPLConfig(CMHAConfig):
@@ -60,6 +103,12 @@ class MPLConfig(CMHAConfig):
 
     cmha: bool = Field(True, description="apply the cyclic multi-head attention (off: M_i = Z_i)")
     cao: bool = Field(True, description="apply the contribution-aware gates (off: T_i = M_i, weights None)")
+
+    @model_validator(mode="after")
+    def _cmha_options_need_cmha(self):
+        if not self.cmha and (self.rotations is not None or self.f_dropout_masks != "shared"):
+            raise ValueError("rotations / f_dropout_masks: they configure the attention, which cmha=false turns off")
+        return self
 
 
 class CAOConfig(PluginConfig):
@@ -90,37 +139,88 @@ class _MaskedFusion(Fusion):
         return torch.where(mask[:, :, None, None], x, x.new_zeros(()))
 
 
+def _names(modality_names: Sequence[str] | None, num_modalities: int) -> tuple[str, ...] | None:
+    """The run's modality names in model order (``None``: not told), checked against ``M``."""
+    if modality_names is None:
+        return None
+    if isinstance(modality_names, str):
+        raise ConfigError(f"fusion: modality_names must be a sequence of names, got the string {modality_names!r}")
+    names = tuple(modality_names)
+    if len(names) != num_modalities or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"fusion: modality_names must be {num_modalities} distinct names (one per modality, in "
+                          f"model order), got {list(names)}")
+    return names
+
+
+def _rotation_indices(rotations: Sequence[Sequence[str]] | None, names: tuple[str, ...] | None,
+                      num_modalities: int) -> list[tuple[int, int, int]]:
+    """``(query, key, value)`` modality indices of every rotation."""
+    if rotations is None:
+        m = num_modalities
+        return [(r, (r + 1) % m, (r + 2) % m) for r in range(m)]
+    if names is None:
+        raise ConfigError("fusion.options.rotations names modalities, but the fusion was built without "
+                          "modality_names (the run's modality order), so the names cannot be resolved")
+    out = []
+    for rot in rotations:
+        rot = tuple(rot)
+        if len(rot) != 3:
+            raise ConfigError(f"fusion.options.rotations: {list(rot)} must be a (query, key, value) triple")
+        unknown = [n for n in rot if n not in names]
+        if unknown:
+            raise ConfigError(f"fusion.options.rotations: {list(rot)} names {', '.join(map(repr, unknown))}, not a "
+                              f"modality of this model; allowed: {', '.join(names)}")
+        out.append(tuple(names.index(n) for n in rot))
+    if not out or len(set(out)) != len(out):
+        raise ConfigError(f"fusion.options.rotations: need distinct triples, at least one, got {list(rotations)}")
+    return out
+
+
 class MPLFusion(_MaskedFusion):
-    """Modality Perception Layer: CMHA then CAO, each switchable (plugin ``mpl``)."""
+    """Modality Perception Layer: CMHA then CAO, each switchable (plugin ``mpl``).
+
+    ``modality_names``: the run's modality names in model order (passed by the core, not a config
+    option); needed only when ``rotations`` names modalities.
+    """
 
     config_class: ClassVar[type[PluginConfig]] = MPLConfig
 
     def __init__(self, dim: int, num_modalities: int, *, style: Style = "official", num_heads: int = 4,
-                 dropout: float = 0.1, residual_scale: float = 0.01, cmha: bool = True, cao: bool = True):
+                 dropout: float = 0.1, residual_scale: float = 0.01, rotations: list[Rotation] | None = None,
+                 f_dropout_masks: FDropoutMasks = "shared", cmha: bool = True, cao: bool = True,
+                 modality_names: Sequence[str] | None = None):
         cfg = MPLConfig(style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale,
-                        cmha=cmha, cao=cao)
-        self._setup(dim, num_modalities, cfg, use_cmha=cfg.cmha, use_cao=cfg.cao)
+                        rotations=rotations, f_dropout_masks=f_dropout_masks, cmha=cmha, cao=cao)
+        self._setup(dim, num_modalities, cfg, use_cmha=cfg.cmha, use_cao=cfg.cao, modality_names=modality_names)
 
-    def _setup(self, dim: int, num_modalities: int, cfg: PluginConfig, *, use_cmha: bool, use_cao: bool) -> None:
+    def _setup(self, dim: int, num_modalities: int, cfg: PluginConfig, *, use_cmha: bool, use_cao: bool,
+               modality_names: Sequence[str] | None = None) -> None:
         super().__init__(dim, num_modalities)
         if dim < 1 or num_modalities < 1:
             raise ConfigError(f"fusion: dim and num_modalities must be >= 1, got dim={dim}, num_modalities={num_modalities}")
         self.config = cfg
+        self.modality_names = _names(modality_names, num_modalities)
         self.use_cmha = use_cmha
         self.use_cao = use_cao
         self.style = getattr(cfg, "style", None)
         self.residual_scale = float(getattr(cfg, "residual_scale", 0.0))
+        self.f_dropout_masks = getattr(cfg, "f_dropout_masks", "shared")
         # Only build what forward uses, so every parameter receives a gradient.
         self.attn: nn.MultiheadAttention | None = None
         self.norm: nn.LayerNorm | None = None
         self.f_dropout: nn.Dropout | None = None
         self.gate: nn.Linear | None = None
+        self.rotations: list[tuple[int, int, int]] = []
         if use_cmha:
             heads = cfg.num_heads
             if dim % heads:
                 raise ConfigError(
                     f"fusion.options.num_heads: {heads} does not divide the hidden size D={dim}; "
                     f"allowed: a divisor of {dim} such as {[h for h in range(1, 17) if dim % h == 0]}")
+            self.rotations = _rotation_indices(cfg.rotations, self.modality_names, num_modalities)
+            # Not persistent: derived from the config, so checkpoints keep their keys.
+            self.register_buffer("rotation_index", torch.tensor(self.rotations, dtype=torch.long).T.contiguous(),
+                                 persistent=False)  # [3, R]: query, key, value modality of each rotation
             self.attn = nn.MultiheadAttention(dim, heads, dropout=cfg.dropout, batch_first=True)
             if cfg.style == "official":
                 self.norm = nn.LayerNorm(dim)
@@ -130,19 +230,22 @@ class MPLFusion(_MaskedFusion):
 
     # ---------------------------------------------------------------- pieces
     def cross_attention(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``F [B, K, D]``: mean over valid rotations of ``attn(Z_r, Z_{r+1}, Z_{r+2})``; 0 if none valid.
+        """``F [B, K, D]``: mean over valid rotations of ``attn(Z_q, Z_k, Z_v)``; 0 if none valid.
 
         ``z`` must already have its masked modalities zeroed.
         """
-        b, m, k, d = z.shape
-        # Rotation r = (query r, key r+1, value r+2): rolling the modality axis builds all M
-        # rotations at once, so one attention call covers every rotation and every sample.
-        q = z.reshape(b * m, k, d)
-        key = z.roll(-1, dims=1).reshape(b * m, k, d)
-        val = z.roll(-2, dims=1).reshape(b * m, k, d)
+        b, _, k, d = z.shape
+        qi, ki, vi = self.rotation_index
+        r = qi.numel()
+        # All rotations of all samples in one attention call: each (sample, rotation) is its own
+        # sequence, so the attention-weight dropout draws an independent mask per rotation, as
+        # separate calls would.
+        q = z[:, qi].reshape(b * r, k, d)
+        key = z[:, ki].reshape(b * r, k, d)
+        val = z[:, vi].reshape(b * r, k, d)
         out, _ = self.attn(q, key, val, need_weights=False)
-        out = out.reshape(b, m, k, d)
-        valid = mask & mask.roll(-1, dims=1) & mask.roll(-2, dims=1)  # [B, M] per rotation
+        out = out.reshape(b, r, k, d)
+        valid = mask[:, qi] & mask[:, ki] & mask[:, vi]  # [B, R]
         # A modality is present or absent as a whole, so no key padding mask is needed and no
         # softmax row is empty (no NaN); rotations touching an absent one ran on zeros and are dropped.
         out = torch.where(valid[:, :, None, None], out, out.new_zeros(()))
@@ -150,9 +253,12 @@ class MPLFusion(_MaskedFusion):
         return out.sum(dim=1) / count[:, None, None]
 
     def combine(self, z: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """``M_i`` from ``Z_i`` and ``F``: official ``LN(Z_i + s * dropout(F))``, paper ``Z_i + F``."""
+        """``M_i`` from ``Z_i [B, M, K, D]`` and ``F [B, K, D]``: official ``LN(Z_i + s * dropout(F))``
+        (one dropout mask for all modalities, or one per modality), paper ``Z_i + F``."""
         f = f[:, None]  # the same F joins every modality
         if self.style == "official":
+            if self.f_dropout_masks == "per_modality":
+                f = f.expand(-1, z.shape[1], -1, -1).contiguous()  # its own mask for each M_i
             return self.norm(z + self.residual_scale * self.f_dropout(f))
         return z + f
 
@@ -183,9 +289,11 @@ class CMHAFusion(MPLFusion):
     config_class: ClassVar[type[PluginConfig]] = CMHAConfig
 
     def __init__(self, dim: int, num_modalities: int, *, style: Style = "official", num_heads: int = 4,
-                 dropout: float = 0.1, residual_scale: float = 0.01):
-        cfg = CMHAConfig(style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale)
-        self._setup(dim, num_modalities, cfg, use_cmha=True, use_cao=False)
+                 dropout: float = 0.1, residual_scale: float = 0.01, rotations: list[Rotation] | None = None,
+                 f_dropout_masks: FDropoutMasks = "shared", modality_names: Sequence[str] | None = None):
+        cfg = CMHAConfig(style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale,
+                         rotations=rotations, f_dropout_masks=f_dropout_masks)
+        self._setup(dim, num_modalities, cfg, use_cmha=True, use_cao=False, modality_names=modality_names)
 
 
 class CAOFusion(MPLFusion):
@@ -193,8 +301,8 @@ class CAOFusion(MPLFusion):
 
     config_class: ClassVar[type[PluginConfig]] = CAOConfig
 
-    def __init__(self, dim: int, num_modalities: int):
-        self._setup(dim, num_modalities, CAOConfig(), use_cmha=False, use_cao=True)
+    def __init__(self, dim: int, num_modalities: int, *, modality_names: Sequence[str] | None = None):
+        self._setup(dim, num_modalities, CAOConfig(), use_cmha=False, use_cao=True, modality_names=modality_names)
 
 
 class NoFusion(IdentityFusion):
@@ -204,9 +312,10 @@ class NoFusion(IdentityFusion):
 
     config_class: ClassVar[type[PluginConfig]] = NoFusionConfig
 
-    def __init__(self, dim: int, num_modalities: int):
+    def __init__(self, dim: int, num_modalities: int, *, modality_names: Sequence[str] | None = None):
         super().__init__(dim, num_modalities)
         self.config = NoFusionConfig()
+        self.modality_names = _names(modality_names, num_modalities)
 
 
 # --------------------------------------------------------------------------- registration

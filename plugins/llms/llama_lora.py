@@ -179,42 +179,56 @@ def extra_parameter_names(model: Any) -> list[str]:
 
 def pretrain_base(model: Any, tok: Any, texts: Sequence[str], *, steps: int, lr: float, batch_size: int,
                   max_length: int, seed: int) -> None:
-    """Causal-LM training of a randomly initialised base on ``texts`` with transformers' Trainer.
+    """Causal-LM training of a randomly initialised base on ``texts`` (AdamW, cosine schedule, 5% warmup).
 
     Demos have no pretrained LLaMA; a few hundred steps on the cohort's own text give the frozen
     base the language that LoRA then adapts, as a real checkpoint would.  ``model`` may be a peft
     model: its adapter is disabled and stays untouched.  Special tokens the core added (modality
     placeholders) are removed from the text: their embeddings are replaced by modality tokens anyway.
+
+    A plain loop, not ``Trainer``: under ``torchrun`` a Trainer would spread this over the processes
+    and make the base depend on their number; here every process computes the same base (seeded
+    batches, same arithmetic), as a checkpoint read from disk would be the same on every process.
     """
     import contextlib
-    import tempfile
 
     import torch
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, get_scheduler
 
     added = [t for t in tok.all_special_tokens if t not in _TRAINED_SPECIALS.values()]
     clean = [t for t in _clean_corpus(texts, added) if t.strip()]
     if not clean:
         raise ConfigError("llm.options.pretrain_steps: the corpus holds no text")
     eos = tok.eos_token or ""
-    enc = tok([t + eos for t in clean], truncation=True, max_length=max_length)
-    data = [{"input_ids": ids} for ids in enc["input_ids"]]
-    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    enc = tok([t + eos for t in clean], truncation=True, max_length=max_length)["input_ids"]
+    collate = DataCollatorForLanguageModeling(tok, mlm=False)
     is_peft = hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
     base = model.get_base_model() if is_peft else model
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
     for n, p in base.named_parameters():
         p.requires_grad_("lora_" not in n)
+    params = [p for p in base.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=max(1, round(0.05 * steps)), num_training_steps=steps)
+    device = next(base.parameters()).device
+    g = torch.Generator().manual_seed(seed)
     off = model.disable_adapter() if is_peft else contextlib.nullcontext()
+    order: list[int] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="medtvt-pretrain-") as tmp, torch.random.fork_rng(devices=[]), off:
-            args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                                     learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
-                                     save_strategy="no", report_to=[], logging_strategy="no", seed=seed,
-                                     data_seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                                     remove_unused_columns=False)
+        with torch.random.fork_rng(devices=[]), off:
+            torch.manual_seed(seed)
             base.train()
-            Trainer(model=base, args=args, train_dataset=data, data_collator=collator).train()
+            for _ in range(steps):
+                while len(order) < batch_size:  # epochs of seeded permutations
+                    order += torch.randperm(len(enc), generator=g).tolist()
+                idx, order = order[:batch_size], order[batch_size:]
+                batch = {k: v.to(device) for k, v in collate([{"input_ids": enc[i]} for i in idx]).items()}
+                loss = base(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
     finally:
         for n, p in base.named_parameters():
             p.requires_grad_(flags[n])

@@ -1,7 +1,9 @@
-"""GRPO (stage 3, RFT): TRL 1.16's math (:mod:`.math`), policies and the training loop."""
+"""GRPO (stage 3, RFT): TRL 1.16's math (:mod:`.math`) and a ``transformers.Trainer`` (:mod:`.trainer`)."""
 
-from .loop import *  # noqa: F401,F403
-from .loop import __all__ as _loop_all
-from .math import ADV_EPS, LOSS_TYPES  # noqa: F401
+from .math import (ADV_EPS, LOSS_TYPES, completion_mask_after_eos, compute_rewards, group_advantages, grpo_loss,
+                   nanstd, selective_log_softmax, weighted_rewards)
+from .trainer import MedTVTGRPOTrainer, PromptWindowSampler, check_rft_layout, frozen_reference, grpo_arguments, run_grpo
 
-__all__ = list(_loop_all)
+__all__ = ["ADV_EPS", "LOSS_TYPES", "MedTVTGRPOTrainer", "PromptWindowSampler", "check_rft_layout",
+           "completion_mask_after_eos", "compute_rewards", "frozen_reference", "group_advantages", "grpo_arguments",
+           "grpo_loss", "nanstd", "run_grpo", "selective_log_softmax", "weighted_rewards"]

@@ -1,0 +1,110 @@
+"""The benchmark scripts run (``--smoke``: tiny shapes, seconds) and print their tables; the
+reference-style no-cache decoding gives ``model.generate``'s tokens.  No timing is asserted (a
+shared machine): the scripts print ratios, these tests only check that they run and what they print."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    """Import a benchmark script as a module (they import their sibling ``benchlib``)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module
+
+
+@pytest.fixture(scope="module")
+def tiny_generation_model():
+    sys.path.insert(0, str(BENCH))
+    try:
+        kvc = importlib.import_module("generation_kv_cache")
+        model, processor = kvc.build("tiny", "cpu", "float32")
+    finally:
+        sys.path.remove(str(BENCH))
+    return kvc, model, processor
+
+
+def test_recompute_decoding_matches_generate(tiny_generation_model):
+    kvc, model, processor = tiny_generation_model
+    batch = kvc.make_batch(model, processor, 2, "cpu")
+    assert (batch["attention_mask"] == 0).any(), "the two prompts differ in length: one is left-padded"
+    kw = dict(num_return_sequences=3, max_new_tokens=24, **kvc.stop_ids(processor))
+    for extra in ({}, {"min_new_tokens": 24}):
+        cached = model.generate(**batch, **kw, **extra)
+        recomputed = kvc.generate_recompute(model, **batch, **kw, **extra)
+        assert recomputed.shape == cached.shape and cached.shape[0] == 6
+        assert torch.equal(recomputed, cached)
+        for seed in (0, 1):  # sampling: the same processors and the same random draws
+            samp = dict(kw, **extra, do_sample=True, temperature=0.6, top_p=0.9, top_k=5)
+            torch.manual_seed(seed)
+            a = model.generate(**batch, **samp)
+            torch.manual_seed(seed)
+            assert torch.equal(kvc.generate_recompute(model, **batch, **samp), a)
+    ident = kvc.check_identity(model, processor, batch, num_generations=2, new_tokens=12)
+    assert ident["greedy_tokens"] > 0 and ident["sampling_identical"]
+
+
+def test_recompute_decoding_stops_like_generate(tiny_generation_model):
+    """Rows that produce a stop token are padded after it, and the loop ends once every row has."""
+    kvc, model, processor = tiny_generation_model
+    batch = kvc.make_batch(model, processor, 1, "cpu")
+    first = model.generate(**batch, max_new_tokens=1, pad_token_id=processor.pad_token_id)[0, 0].item()
+    # Declare the greedy first token a stop token: generation ends after one step in both methods.
+    kw = dict(num_return_sequences=2, max_new_tokens=10, eos_token_id=[first], pad_token_id=processor.pad_token_id)
+    out = kvc.generate_recompute(model, **batch, **kw)
+    assert out.tolist() == [[first], [first]]
+    assert torch.equal(out, model.generate(**batch, **kw))
+
+
+def test_gpu_check_smoke_prints_one_table(bench, tmp_path, capsys):
+    gpu_check = bench("gpu_check")
+    rc = gpu_check.main(["--smoke", "--out", str(tmp_path / "gpu_check.md")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    table = (tmp_path / "gpu_check.md").read_text()
+    for part in ("PT", "SFT", "RFT", "KV"):
+        assert re.search(rf"^\| {part} +\| wall time", table, re.M), part
+    for metric in ("tokens/s", "MFU \\(approx.\\)", "peak memory", "rollout tokens/s", "speed-up @8"):
+        assert re.search(metric, table), metric
+    assert "| KV   | greedy identity (float32) | identical" in table
+    assert "error" not in table and "timed out" not in table
+    raw = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(raw["parts"]) == {"pt", "sft", "rft", "kv"}
+    assert raw["parts"]["rft"]["rollout_tokens_per_s"] > 0 and raw["parts"]["pt"]["tokens_per_s"] > 0
+    assert out.rstrip().endswith(table.rstrip().splitlines()[-1])  # the final table is printed too
+
+
+@pytest.mark.parametrize("script, header", [
+    ("generation_kv_cache", "| new tokens | cache tok/s | recompute tok/s | speed-up"),
+    ("train_throughput", "| stage | s/step | samples/s | tokens/s"),
+    ("data_pipeline", "| arm "),
+])
+def test_benchmark_smoke_runs_and_prints_its_table(bench, capsys, script, header):
+    bench(script).main(["--smoke"])
+    out = capsys.readouterr().out
+    assert header in out, out
+
+
+def test_shell_scripts_parse_and_wheels_are_pinned_once():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    for name in ("gpu_check.sh", "fetch_gpu_wheels.sh"):
+        subprocess.run([bash, "-n", str(BENCH / name)], check=True)
+    text = (BENCH / "fetch_gpu_wheels.sh").read_text()
+    pins = re.findall(r"^\s+([A-Za-z0-9_.-]+)==([0-9][^\s)]*)", text, re.M)
+    names = [n.lower().replace("_", "-") for n, _ in pins]
+    assert len(names) == len(set(names)), "two versions of one package stop the install on the machine"
+    assert {"pydantic", "pydantic-core", "trl", "datasets"} <= set(names)
