@@ -34,7 +34,8 @@ CORPUS = [
 #: A disease-level question (all three placeholders), as in MedTVT-QA.
 QUESTION = ("Given the ECG <ecg>, the chest x-ray <cxr> and the laboratory panel <lab>, reason step by step "
             "about the findings of each modality and list the diseases of this hospital stay.")
-ANSWER = "<think> irregular rhythm, consolidation, raised lactate </think><answer> Atrial Fibrillation; Sepsis </answer>"
+ANSWER = ("<think> irregular rhythm, consolidation, raised lactate </think>"
+          "<answer> Atrial Fibrillation; Sepsis </answer>")
 
 #: Overrides that turn the ``paper`` preset into its tiny counterpart (same structure, CPU-sized).
 TINY_SETS = (

@@ -20,7 +20,7 @@ Measured in one run on one synthetic cohort (``medtvt data synth`` formats):
    ``SupervisedCollator`` (the processor's answer-only labels).
 
     python benchmarks/data_pipeline.py                       # CPU, ~3-5 min with the defaults
-    python benchmarks/data_pipeline.py --smoke               # tiny encoders, 8 patients, seconds
+    python benchmarks/data_pipeline.py --smoke               # tiny encoders, 4 patients, seconds
     python benchmarks/data_pipeline.py --n-patients 64 --epochs 3 --device cuda
 
 Encoders are randomly initialised (no weights needed): their cost does not depend on the values.
@@ -42,7 +42,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
-ENCODERS = {"full": {"ecg": "full", "cxr": "base", "lab": "full"}, "tiny": {"ecg": "tiny", "cxr": "tiny", "lab": "tiny"}}
+ENCODERS = {"full": {"ecg": "full", "cxr": "base", "lab": "full"},
+            "tiny": {"ecg": "tiny", "cxr": "tiny", "lab": "tiny"}}
 
 
 def _loader(ds: Any, batch_size: int, workers: int, collate: Any) -> torch.utils.data.DataLoader:
@@ -107,10 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-    ap.add_argument("--smoke", action="store_true", help="seconds: tiny encoders, 8 patients, 1 epoch")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny encoders, 4 patients, 1 epoch")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.encoders, args.n_patients, args.epochs = "tiny", 8, 1
+        args.encoders, args.n_patients, args.epochs = "tiny", 4, 1
+        args.threads = args.threads or 1  # several threads on a busy small machine spin far more than they work
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms["no cache"] = epoch_times(model, processor, raw, args)
 
     fills: dict[str, float] = {}
-    for label, cxr_opts in (("warm cache, CXR random crops", {}), ("warm cache, CXR centre crops", {"train_crop": "center"})):
+    arms_c = (("warm cache, CXR random crops", {}), ("warm cache, CXR centre crops", {"train_crop": "center"}))
+    for label, cxr_opts in arms_c:
         mods_c = build_modalities(["ecg", "cxr", "lab"], {"cxr": cxr_opts}, catalog)
         cache = FeatureCache(Path(tmp.name) / "cache")
         ds = open_splits(root, modalities=mods_c, train_file=TRAIN_FILE, catalog=catalog, encoders=encoders,

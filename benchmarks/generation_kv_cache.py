@@ -16,11 +16,12 @@ only (``logits_to_keep=1``).  Speed-up = recompute seconds / cache seconds, from
 on a GPU the growth of ``torch.cuda.max_memory_allocated`` during the call; on the CPU the
 resident-set growth sampled every 2 ms (an approximation).
 
-    python benchmarks/generation_kv_cache.py                          # tiny LLM, CPU, ~1-2 min
+    python benchmarks/generation_kv_cache.py                          # tiny LLM, CPU, ~1 min
     python benchmarks/generation_kv_cache.py --smoke                  # seconds
     python benchmarks/generation_kv_cache.py --llm llama-3.2-1b --device cuda --dtype bfloat16
 
-Encoders are the tiny variants here (they run once per prompt in both methods; not what is measured).
+Encoders are the tiny variants here; their features are computed once per batch, as the feature
+cache provides them in training (both methods then run the same heads, projectors and fusion).
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--identity-tokens", type=int, default=32, help="tokens of the float32 greedy identity check")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise on a shared machine)")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per method and length (best is kept)")
-    ap.add_argument("--smoke", action="store_true", help="seconds: 2 prompts (one left-padded), G=2, 8 tokens, 1 repeat")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: 2 prompts (one left-padded), G=2, 8 tokens, 1 repeat")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -274,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"top-p 0.9, same seed) {'identical' if ident['sampling_identical'] else 'DIFFERS'}")
     results = compare(model, processor, batch, lengths, num_generations=g, repeats=args.repeats, device=args.device)
     print(benchlib.markdown_table(HEADER, [format_row(r) for r in results]))
-    mem = "growth of cuda max_memory_allocated" if benchlib.is_cuda(args.device) else "CPU RSS growth (sampled, approx.)"
+    mem = ("growth of cuda max_memory_allocated" if benchlib.is_cuda(args.device)
+           else "CPU RSS growth (sampled, approx.)")
     print(f"speed-up = recompute seconds / cache seconds; mem = {mem}; same tokens = share of rows identical "
           f"between the two methods in the timed dtype")
     res = dict(llm=args.llm, device=args.device, dtype=dtype, prompts=args.prompts, num_generations=g,

@@ -24,8 +24,12 @@ fi
 # medtvt itself from this tree (no network, the machine's setuptools), so the built-in plugins register
 # through their entry points as after any install. Should that fail, the source tree on PYTHONPATH
 # serves instead and benchlib.plugin_catalog registers the same plugin modules by hand.
+# Built from a copy: an in-tree build would leave build/ and egg-info files in the checkout.
+SRC=$(mktemp -d)
+cp -r pyproject.toml README.md medtvt_core plugins cli "$SRC"/
 $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" . >/dev/null 2>&1 || echo "gpu_check.sh: medtvt not installed; using the source tree" >&2
+  --target "$SITE" "$SRC" >/dev/null 2>&1 || echo "gpu_check.sh: medtvt not installed; using the source tree" >&2
+rm -rf "$SRC"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 LOG=/dev/null
@@ -36,5 +40,5 @@ if [ -n "${OUT:-}" ]; then
 fi
 # A hard cap on top of the per-part budgets; the table file is rewritten after each part, so a
 # stopped run still returns what it measured.
-timeout -k 10 "${GPU_CHECK_TIMEOUT:-450}" $PY benchmarks/gpu_check.py "${ARGS[@]}" "$@" 2>&1 | tee "$LOG"
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-450}" $PY benchmarks/gpu_check.py ${ARGS[@]+"${ARGS[@]}"} "$@" 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -180,14 +180,15 @@ class _GenerateTimer:
 
 
 def measure_rft(model: Any, processor: Any, rft_cfg: Any, reward_refs: Sequence[Any], *, steps: int, device: str,
-                catalog: Any, seed: int = 0, deadline: float | None = None,
+                catalog: Any, seed: int = 0, train_extras: bool = True, deadline: float | None = None,
                 on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """``steps`` GRPO optimiser steps through ``run_grpo``; step times from the per-step log callbacks."""
+    """``steps`` GRPO optimiser steps through ``run_grpo``; step times from the per-step log callbacks.
+    ``train_extras``: RFT trains what SFT trained (the orchestrator passes ``sft.train_extras``)."""
     from medtvt_core.model.stages import configure_trainable
     from medtvt_core.training.grpo import run_grpo
 
     cfg = rft_cfg.model_copy(update={"max_steps": steps, "logging_steps": 1, "save_steps": 10**9})
-    configure_trainable(model, "rft", train_extras=True)
+    configure_trainable(model, "rft", train_extras=train_extras)
     n_prompts = 2 * cfg.batch_size * cfg.grad_accum
     data = PromptSet(model, n_prompts, seed=seed)
     funcs = [catalog.rewards.get(r.name) for r in reward_refs]
@@ -255,13 +256,15 @@ def format_row(r: Mapping[str, Any]) -> list[str]:
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     return [r["stage"], f"{r['s_per_step']:.3f}", f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", mfu,
             benchlib.gib(r["peak_mem_bytes"]),
-            f"batch {r['batch']} x {r['seq_len']}, {r['trainable_params'] / 1e6:.1f} M trainable, {r['steps']} timed step(s)"]
+            f"batch {r['batch']} x {r['seq_len']}, {r['trainable_params'] / 1e6:.1f} M trainable, "
+            f"{r['steps']} timed step(s)"]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="LLM weights: float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None,
+                    help="LLM weights: float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--stages", default="pt,sft,rft")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=600)
@@ -273,16 +276,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--num-generations", type=int, default=None, help="G (default: the preset's 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="max completion length (default: the preset's 600)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: 989 on H100/H200)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="accelerator peak for MFU (default: 989 on H100/H200)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--smoke", action="store_true", help="tiny LLM and encoders, 2 x 48 tokens, 1+1 steps, G=2, 8 tokens")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny LLM and encoders, 2 x 48 tokens, 1+1 steps, G=2, 8 tokens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.smoke:
         args.batch, args.seq_len, args.steps, args.warmup, args.rft_steps = 2, 48, 1, 1, 1
+        args.threads = args.threads or 1  # several threads on a busy small machine spin far more than they work
         args.num_generations, args.new_tokens = args.num_generations or 2, args.new_tokens or 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if benchlib.is_cuda(args.device) else "float32")
     catalog = benchlib.plugin_catalog()
     cfg = benchlib.run_config("paper", paper_sets(dtype=dtype, gradient_checkpointing=args.gradient_checkpointing,
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for stage in args.stages.split(","):
         if stage == "rft":
             rows.append(measure_rft(model, processor, rft, cfg.rewards, steps=args.rft_steps, device=args.device,
-                                    catalog=catalog, seed=cfg.seed))
+                                    catalog=catalog, seed=cfg.seed, train_extras=cfg.sft.train_extras))
         else:
             rows.append(measure_supervised(model, stage, getattr(cfg, stage), batch=args.batch, seq_len=args.seq_len,
                                            steps=args.steps, warmup=args.warmup, device=args.device, peak_tflops=peak))

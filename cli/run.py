@@ -86,10 +86,11 @@ def run_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir
                    "or any config key (rft.beta=0,0.04). Repeat for a product of axes; the first value is the baseline.")
 @click.option("--seeds", help="Seeds, e.g. 0,1,2 (default: the config's seed only).")
 @click.option("--no-bootstrap", is_flag=True, help="Means and std only (allows fewer than 20 test records).")
+@click.option("--store", type=click.Path(file_okay=False), help="Shared cohort and stages of several ablations (default: --out).")
 @click.option("--random-weights", is_flag=True, help="Allow random encoder/LLM weights where a preset requires real ones.")
 @click.option("--quiet", is_flag=True)
 def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, grids, seeds, no_bootstrap,
-               random_weights, quiet) -> None:
+               store, random_weights, quiet) -> None:
     """Run a grid of variants (x seeds) and write tables shaped like the paper's Table 1 and Table 3.
 
     Stages are shared between variants whose earlier stages are identical (every fusion variant
@@ -107,7 +108,8 @@ def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_
     res = run_grid(_resolver(preset, config_file), axes, seed_list, out,
                    sets=list(_run_sets(random_weights, False)) + list(sets),
                    flags=dict(fusion=fusion, modalities=modalities, rewards=rewards, stages=stages),
-                   progress=not quiet, echo=click.echo, bootstrap=not no_bootstrap)
+                   progress=not quiet, echo=click.echo, bootstrap=not no_bootstrap,
+                   store=Path(store) if store else None)
     click.echo(f"wrote {res['md']}, {res['csv']} and {out / 'report.md'}")
 
 

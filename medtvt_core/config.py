@@ -69,6 +69,9 @@ class DataConfig(_Strict):
                                 description="physiological QA files (relative to root) for PT")
     train_file: str = Field("qa/disease_train.json", description="disease-level QA for SFT/RFT")
     test_file: str = Field("qa/disease_test.json", description="disease-level QA for evaluation")
+    rft_holdout: float = Field(
+        0.0, ge=0, lt=1, description="share of the disease-level training records kept out of SFT and used as "
+                                     "RFT's prompts (0: SFT and RFT both use every record, as the reference)")
     on_bad_sample: Literal["skip", "fail"] = Field("fail", description="what a bad record does: skip (counted, logged) or fail")
     cache_dir: Path | None = Field(None, description="feature cache; None: <out>/cache")
     use_cache: bool = Field(True, description="cache frozen-encoder features across epochs and stages")
@@ -120,8 +123,8 @@ class StageConfig(_Strict):
 
 
 class RFTConfig(_Strict):
-    max_steps: int = Field(500, ge=1, description="GRPO iterations")
-    batch_size: int = Field(8, ge=1, description="prompts per step (before x num_generations)")
+    max_steps: int = Field(500, ge=1, description="optimiser steps (TRL's max_steps; one generation round feeds num_iterations of them)")
+    batch_size: int = Field(8, ge=1, description="prompts per process per micro-step (rows: x num_generations)")
     grad_accum: int = Field(2, ge=1)
     num_generations: int = Field(8, ge=2, description="G completions per prompt")
     lr: float = Field(1e-5, gt=0)
@@ -171,6 +174,9 @@ class EvalConfig(_Strict):
                     "AUC averaged over categories, corpus BLEU, ROUGE-L F) or reference (the reference code's "
                     "evaluate.py: samples with both answers only, pooled AUC, sentence BLEU, ROUGE-L recall; "
                     "comparable with the paper's tables)")
+    sampled_reward_samples: int = Field(
+        8, ge=0, description="also score this many sampled reports per test record at rft.temperature / top_p "
+                             "(the expected reward GRPO maximises; 0: off)")
     attribution: bool = Field(True, description="for the last stage: per disease, how often its report names it with "
                                                 "every modality and with each one masked (re-generation)")
     wordnet_dir: Path | None = Field(None, description="NLTK data dir with corpora/wordnet (METEOR)")

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("pt", "sft", "rft")
 SETS = [
-    "data.synth.n_patients=24", "encoders.lab.options.variant=tiny", "llm.options.pretrain_steps=5",
+    # 40 patients: 30 training records, of which demo's data.rft_holdout keeps ~9 for RFT (8 prompts
+    # over 2 steps) and ~21 for SFT (16 in its 2 steps, all within the first epoch)
+    "data.synth.n_patients=40", "encoders.lab.options.variant=tiny", "llm.options.pretrain_steps=5",
     "llm.options.lora_dropout=0", "fusion.options.dropout=0",
     # within the first epoch: an uneven last batch is padded differently by 1 and 2 processes
     "pt.epochs=1", "pt.max_steps=3", "pt.batch_size=4", "sft.max_steps=2", "sft.batch_size=4",
@@ -138,8 +140,9 @@ def test_rft_layout_is_refused_before_training(tmp_path, env):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0, _show(r)
     errors = {ln for ln in r.stderr.splitlines() if ln.startswith("error: ")}
-    assert errors == {"error: rft: 2 process(es) x rft.batch_size=8 x rft.grad_accum=2 = 32 prompts per step, but the "
-                      "training split has 18; lower rft.batch_size or rft.grad_accum, or use fewer processes"}, _show(r)
+    assert errors == {"error: rft: 2 process(es) x rft.batch_size=8 x rft.grad_accum=2 = 32 prompts per step, but "
+                      "RFT has 9 training record(s); lower rft.batch_size or rft.grad_accum, use fewer processes, "
+                      "or raise data.rft_holdout"}, _show(r)
     assert not (out / "pt").exists()
 
 

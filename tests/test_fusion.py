@@ -128,10 +128,10 @@ def test_config_fields_documented_and_strict(catalog):
         assert model.model_config["extra"] == "forbid"
         assert all(f.description for f in model.model_fields.values()), name
     assert set(MPLConfig.model_fields) == {"style", "num_heads", "dropout", "residual_scale", "rotations",
-                                           "f_dropout_masks", "cmha", "cao"}
+                                           "f_dropout_masks", "cmha", "cao", "gate_input_norm"}
     assert MPLConfig().model_dump() == {"style": "official", "num_heads": 4, "dropout": 0.1,
                                         "residual_scale": 0.01, "rotations": None, "f_dropout_masks": "shared",
-                                        "cmha": True, "cao": True}
+                                        "cmha": True, "cao": True, "gate_input_norm": False}
 
 
 # --------------------------------------------------------------------------- shapes
@@ -676,3 +676,25 @@ def test_reference_dropout_rule_matches_in_distribution(catalog):
     torch.testing.assert_close(ours.std(0), ref.std(0), rtol=0, atol=0.05)
     # Per-modality masks: the residual M_i - M_j is not identically zero (it would be with one mask).
     assert (ours[:, 0] - ours[:, 1]).abs().amax() > 1e-3
+
+
+def test_gate_input_norm_keeps_the_gates_out_of_saturation():
+    """Large tokens (the paper style adds F without a LayerNorm) push sigmoid(Linear(.)) to 0 or 1 for
+    every sample; normalising each modality's mean token first makes the gates scale-free and
+    per-sample again, and a masked modality still gets exactly 0."""
+    torch.manual_seed(0)
+    plain = MPLFusion(D, 3, style="paper", dropout=0.0)
+    normed = MPLFusion(D, 3, style="paper", dropout=0.0, gate_input_norm=True)
+    normed.load_state_dict(plain.state_dict())
+    tokens = torch.randn(64, 3, 1, D)
+    mask = torch.ones(64, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    with torch.no_grad():
+        w_plain = plain(tokens * 100, mask).weights
+        w_small, w_big = normed(tokens, mask).weights, normed(tokens * 100, mask).weights
+    present = mask
+    assert ((w_plain[present] < 0.01) | (w_plain[present] > 0.99)).float().mean() > 0.9  # saturated
+    torch.testing.assert_close(w_small, w_big, atol=1e-5, rtol=1e-5)  # scale-free
+    assert ((w_big[present] > 0.05) & (w_big[present] < 0.95)).float().mean() > 0.9  # in the sigmoid's range
+    assert w_big[present].std() > 0.02  # and they differ between samples
+    assert w_big[0, 1] == 0 and w_plain[0, 1] == 0

@@ -144,30 +144,6 @@ def ecg_cxr_lab_of(root: Path, split_file: str, index: int = 0) -> tuple[str, st
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def cohort(tmp_path_factory) -> Path:
-    from medtvt_core.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("cohort") / "data"
-    synthesize(root, n_patients=24, seed=0)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_config(tmp_path_factory, cohort) -> Path:
-    """The tiny configuration as a YAML file (resolved from the demo preset + TINY_SETS)."""
-    from medtvt_core.config import dump_config, resolve_config
-
-    d = tmp_path_factory.mktemp("config")
-    cfg = resolve_config(preset="demo", sets=[*TINY_SETS, f"data.root={cohort}", f"data.cache_dir={d / 'cache'}",
-                                              f"output_dir={d / 'unused'}"])
-    assert cfg.data.root == cohort and cfg.rft.num_generations == 2 and cfg.llm.options["pretrain_steps"] == 5
-    assert cfg.llm.options["variant"] == "tiny"  # --set llm.options.X keeps the preset's other options
-    path = d / "tiny.yaml"
-    path.write_text(dump_config(cfg))
-    return path
-
-
 @dataclass
 class FinishedRun:
     out: Path
@@ -416,3 +392,26 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, full_run, t
         assert got["stages"][s]["nlg"] == full_run.metrics["stages"][s]["nlg"], s
     for s in STAGES:
         assert (out / "eval" / f"{s}.jsonl").read_text() == full_run.predictions[s]
+
+
+# --------------------------------------------------------------------------- installing a plugin changes nothing
+def test_installing_a_plugin_changes_no_run_that_does_not_use_it(full_run, tiny_config, tmp_path):
+    """``full_run`` was trained with the medtvt-notes plugin installed. The same configuration without
+    it (its entry point left out) gives bit-identical models and the same vocabulary; and that run,
+    made without the plugin, evaluates to its own numbers with the plugin installed again."""
+    from medtvt_plugins import BUILTIN_PLUGINS
+
+    env = {**_env(), "MEDTVT_PLUGINS": ",".join(name for name, _ in BUILTIN_PLUGINS)}
+    out = tmp_path / "without-notes"
+    r = subprocess.run([str(MEDTVT), "run", "--config", str(tiny_config), "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=480)
+    ok(r)
+    listed = json.loads((out / "environment.json").read_text())["plugin_distributions"]
+    assert "medtvt-notes" not in listed and "medtvt-notes" in json.loads(
+        (full_run.out / "environment.json").read_text())["plugin_distributions"]
+    for s in STAGES:
+        assert_same_tensors(full_run.out / s / "final", out / s / "final")
+        assert (out / s / "final" / "tokenizer.json").read_text() == (full_run.out / s / "final" / "tokenizer.json").read_text()
+    mine = json.loads((out / "metrics.json").read_text())
+    res = ok(medtvt("eval", "--run", out, "--stage", "sft", "--quiet"))  # the plugin is installed here
+    assert json.loads(res.stdout)["f1"] == mine["stages"]["sft"]["ce"]["f1"]

@@ -192,6 +192,15 @@ class QADataset(torch.utils.data.Dataset):
         self.skipped.append(s)
         log.warning("skipping %s", s)
 
+    def subset(self, keep: Sequence[QARecord]) -> "QADataset":
+        """The same dataset over the records ``keep`` (shared readers, cache and skip list)."""
+        import copy
+
+        ids = {id(r) for r in keep}
+        out = copy.copy(self)
+        out.records = [r for r in self.records if id(r) in ids]
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Random views (training crops) depend on (seed, epoch, index, modality), not on worker state."""
         self.epoch = int(epoch)
@@ -291,6 +300,20 @@ class Collator:
 
 
 # ---------------------------------------------------------------------- splits
+def holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord], list[QARecord]]:
+    """``(kept, held out)``: each record is held out when the hash of its id falls below ``fraction``,
+    so the choice depends on the record alone (not on the file order, the seed or the other records)."""
+    import hashlib
+
+    def u(r: QARecord) -> float:
+        return int.from_bytes(hashlib.sha256(f"holdout:{r.id}".encode()).digest()[:8], "big") / 2**64
+
+    out = [r for r in records if u(r) < fraction]
+    held = {id(r) for r in out}
+    return [r for r in records if id(r) not in held], out
+
+
+
 def open_splits(root: str | Path, *, modalities: Mapping[str, Modality], pt_files: Sequence[str] = (),
                 train_file: str | None = None, test_file: str | None = None, on_bad_sample: OnBad = "fail",
                 known: Mapping[str, type[Modality]] | None = None, catalog: Any = None,

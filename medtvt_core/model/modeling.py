@@ -59,6 +59,33 @@ class MedTVTPreTrainedModel(PreTrainedModel):
         # checkpoint; re-initialising here would overwrite pretrained encoder and LLM weights.
         pass
 
+    # Activation checkpointing is the LLM's (the llm plugin's gradient_checkpointing option): calls on
+    # the composite model (TRL pauses it around generation) go to the LM, non-reentrant by default,
+    # since reentrant checkpointing would stop gradients at LoRA inputs that do not require grad.
+    def _lm(self) -> Any:
+        llm = self.llm
+        return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        lm = self._lm()
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs or {"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self) -> None:
+        lm = self._lm()
+        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        lm = self._lm()
+        return bool(getattr(lm, "is_activation_checkpointing", None) if hasattr(lm, "is_activation_checkpointing")
+                    else lm.is_gradient_checkpointing)
+
+    is_activation_checkpointing = is_gradient_checkpointing
+
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
         # transformers maps the LM's tied keys by the LM's own module paths, which the peft wrapper
         # moves; the LM ties its own weights (relative to itself) instead.

@@ -44,31 +44,49 @@ def variant_name(combo: dict[str, str]) -> str:
     return "__".join(f"{k.replace('.', '-')}-{v.replace('+', '_')}" for k, v in combo.items()) or "base"
 
 
-def per_record(records: Sequence[dict[str, Any]], rewards: Sequence[Any]) -> dict[str, dict[str, float | None]]:
+def per_record(records: Sequence[dict[str, Any]], rewards: Sequence[Any],
+               sampled: dict[str, float] | None = None) -> dict[str, dict[str, float | None]]:
     """``{metric: {record id: score}}`` of one run's predictions: the strict protocol's per-sample
-    precision/recall/F1 and the weighted sum of the run's rewards."""
+    precision/recall/F1, the weighted sum of the run's rewards on the greedy report, the mean
+    reward of the sampled reports (``sampled``, when evaluated), and per disease ``named/<d>``:
+    1 if the report names ``d``, 0 if not, for records whose reference holds ``d`` (undefined for
+    the others), i.e. each disease's sensitivity as a per-record score."""
+    from ..data.labels import DISEASES
     from ..metrics.clinical import _per_sample, pred_sets, ref_sets
     from .evaluation import reward_values
 
     ids = [r["id"] for r in records]
-    per = [_per_sample(a, b) for a, b in zip(pred_sets(r["prediction"] for r in records),
-                                             ref_sets(r["reference"] for r in records))]
+    preds, refs = pred_sets(r["prediction"] for r in records), ref_sets(r["reference"] for r in records)
+    per = [_per_sample(a, b) for a, b in zip(preds, refs)]
     p, rc, f = ([x[i] for x in per] for i in range(3))
-    total = reward_values(records, rewards)
-    return {"f1": dict(zip(ids, f)), "precision": dict(zip(ids, p)), "recall": dict(zip(ids, rc)),
-            "reward": dict(zip(ids, total))}
+    out: dict[str, dict[str, float | None]] = {
+        "f1": dict(zip(ids, f)), "precision": dict(zip(ids, p)), "recall": dict(zip(ids, rc)),
+        "reward": dict(zip(ids, reward_values(records, rewards)))}
+    if sampled:
+        out["reward_sampled"] = {i: sampled.get(i) for i in ids}
+    for d in DISEASES:
+        out[f"named/{d}"] = {i: (float(d in pr) if d in rf else None) for i, pr, rf in zip(ids, preds, refs)}
+    return out
 
 
 def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: list[tuple[str, list[str]]],
              seeds: Sequence[int] | None, out: Path, *, sets: Sequence[str], flags: dict[str, Any],
-             progress: bool, echo: Callable[[str], None], bootstrap: bool = True) -> dict[str, Any]:
+             progress: bool, echo: Callable[[str], None], bootstrap: bool = True,
+             store: Path | None = None) -> dict[str, Any]:
     """Run every variant of ``axes`` for every seed; write ``ablation.{csv,md}`` and ``report.md``.
 
     ``resolve(flags, sets, output_dir)`` gives a validated RunConfig (the CLI's resolution).
+    ``store``: where the shared cohort (``data/``) and stages (``stages/``) live (default: ``out``), so
+    several ablations can share them.
     """
+    from accelerate import PartialState
+
     from ..data.synth import ensure_synthetic
     from ..stats import noise_sentences, summarize_ablation, write_ablation
     from .orchestrator import Run, write_json
+
+    state = PartialState()  # several processes (accelerate launch / torchrun): the main one writes
+    store = Path(store) if store is not None else out
 
     combos = [dict(zip([a for a, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
     configs: dict[str, list[Any]] = {}
@@ -84,8 +102,10 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         base = resolve(kw, extra, str(out / name))
         if not data_sets and base.data.root is None and not any(s.startswith("data.root=") for s in sets):
             # One cohort for the whole grid: the variants share the test split (paired comparison).
-            ensure_synthetic(out / "data", **base.data.synth.generator_options())
-            data_sets = [f"data.root={out / 'data'}"]
+            if state.is_main_process:
+                ensure_synthetic(store / "data", **base.data.synth.generator_options())
+            state.wait_for_everyone()
+            data_sets = [f"data.root={store / 'data'}"]
         run_seeds = list(seeds) if seeds else [base.seed]
         configs[name] = [resolve(kw, extra + data_sets + [f"seed={s}"],
                                  str(out / name / f"seed-{s}") if seeds else str(out / name)) for s in run_seeds]
@@ -98,12 +118,17 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     for name, cfgs in configs.items():
         for cfg in cfgs:
             echo(f"== variant {name}, seed {cfg.seed}")
-            res = Run(cfg, resume=True, stage_store=out / "stages", progress=progress, echo=echo).execute()
+            res = Run(cfg, resume=True, stage_store=store / "stages", progress=progress, echo=echo).execute()
             last = cfg.stages[-1]
             preds = [json.loads(line) for line in (Path(cfg.output_dir) / "eval" / f"{last}.jsonl").read_text().splitlines()]
-            scores.setdefault(name, {})[cfg.seed] = per_record(preds, cfg.rewards)
+            sampled = (res[last].get("reward_sampled") or {}).get("per_record")
+            scores.setdefault(name, {})[cfg.seed] = per_record(preds, cfg.rewards, sampled)
             metrics.setdefault(name, {})[cfg.seed] = res[last]
-    summary = summarize_ablation(scores, metrics=list(PER_RECORD_METRICS), primary="f1", bootstrap=bootstrap)
+    from ..data.labels import DISEASES
+
+    present = {m for v in scores.values() for sc in v.values() for m in sc}
+    metrics_ = [m for m in (*PER_RECORD_METRICS, "reward_sampled", *(f"named/{d}" for d in DISEASES)) if m in present]
+    summary = summarize_ablation(scores, metrics=metrics_, primary="f1", bootstrap=bootstrap)
     axes_of = {variant_name(c): c for c in combos}
     extra_cols = {}
     for name, per_seed in metrics.items():
@@ -112,6 +137,10 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         extra_cols[name] = {f"{k}_mean": (sum(x) / len(x) if x else None)
                             for k, x in (("auc", [v["ce"]["auc"] for v in vals if v["ce"]["auc"] is not None]),
                                          ("bleu", nlg("bleu")), ("rouge", nlg("rouge")), ("meteor", nlg("meteor")))}
+    csv_path, md_path = out / "ablation.csv", out / "ablation.md"
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return {"summary": summary, "csv": csv_path, "md": md_path}
     csv_path, md_path = write_ablation(out, summary, axes_of, extra_cols)
     tables = sorted({PAPER_TABLES.get(a, "other") for a, _ in axes} - {"other"})
     lines = ["# Ablation report", "",
@@ -119,7 +148,24 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
              f"shaped like the paper's {', '.join(t.replace('table', 'Table ') for t in tables) or 'tables'}.", "",
              "## What is distinguishable from noise", ""]
     lines += [f"- {s}" for s in noise_sentences(summary)]
+    extra_metrics = [m for m in summary.metrics if m == "reward_sampled" or m.startswith("named/")]
+    if extra_metrics:
+        lines += ["", "## Rewards and per-disease sensitivity", "",
+                  "`reward_sampled`: mean reward of sampled reports (what GRPO maximises); `named/<disease>`: share of "
+                  "test records holding the disease whose greedy report names it.", ""]
+        lines += [f"- {s}" for s in noise_sentences(summary, metrics=extra_metrics)]
+    from ..data.manifest import read_manifest
+
+    man = read_manifest(store / "data") if (store / "data").is_dir() else None
+    if man and man.get("evidence"):
+        lines += ["", "## Where the cohort puts each disease's evidence", "", "| disease | modalities | joint |",
+                  "|---|---|---|"]
+        for d, e in man["evidence"].items():
+            lines.append(f"| {d} | {', '.join(e.get('modalities', []))} | {'yes' if e.get('joint') else 'no'} |")
     lines += ["", f"Tables: [{md_path.name}]({md_path.name}), [{csv_path.name}]({csv_path.name}).", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out / "report.md")
     write_json(out / "ablation.json", {"summary": summary.to_dict(), "metrics": metrics})
+    state.wait_for_everyone()
     return {"summary": summary, "csv": csv_path, "md": md_path}

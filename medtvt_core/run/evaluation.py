@@ -142,10 +142,67 @@ def evaluate_records(records: Sequence[dict[str, Any]], cfg: EvalConfig, *, trai
     return res
 
 
+@torch.no_grad()
+def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[Any], *, samples: int,
+                    temperature: float, top_p: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
+                    limit: int | None = None) -> dict[str, Any]:
+    """Mean rewards of ``samples`` sampled reports per record (what GRPO maximises), each row drawn
+    from its own generator seeded by (seed, record id, row): the same numbers whatever the batching.
+
+    Returns ``{"samples", "temperature", "top_p", <reward name>: mean, "total": weighted mean,
+    "per_record": {id: mean weighted total of its samples}}``.
+    """
+    from ..model.sampling import SeededRowSampler, row_generators
+    from ..plugins import get_catalog
+
+    cat = get_catalog()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
+                                         shuffle=False, collate_fn=dataset.collator())
+    was = model.training
+    model.eval()
+    sums: dict[str, float] = {r.name: 0.0 for r in rewards}
+    counts: dict[str, int] = {r.name: 0 for r in rewards}
+    per_record: dict[str, float] = {}
+    for batch in loader:
+        if not batch["ids"]:
+            continue
+        feats = processor.generation_features(batch["prompts"])
+        gens = row_generators(seed, batch["ids"], samples, "eval")
+        new = model.generate(feats["input_ids"], feats["attention_mask"], modality_mask=batch["modality_mask"],
+                             modality_inputs=batch["modality_inputs"], modality_features=batch["modality_features"],
+                             do_sample=True, temperature=1.0, top_p=1.0, num_return_sequences=samples,
+                             max_new_tokens=max_new_tokens, eos_token_id=processor.stop_token_ids,
+                             pad_token_id=processor.pad_token_id,
+                             logits_processor=[SeededRowSampler(gens, temperature=temperature, top_p=top_p,
+                                                                max_steps=max_new_tokens)])
+        texts = processor.decode(new)
+        rep = lambda xs: [x for x in xs for _ in range(samples)]  # noqa: E731
+        totals = torch.zeros(len(texts))
+        for rr in rewards:
+            vals = cat.rewards.get(rr.name)(prompts=rep(batch["prompts"]), completions=texts,
+                                            answer=rep(batch["answers"]))
+            ok = [v for v in vals if v is not None]
+            sums[rr.name] += sum(ok)
+            counts[rr.name] += len(ok)
+            totals += rr.weight * torch.tensor([0.0 if v is None else float(v) for v in vals])
+        for i, rid in enumerate(batch["ids"]):
+            per_record[rid] = float(totals[i * samples:(i + 1) * samples].mean())
+    model.train(was)
+    out: dict[str, Any] = {"samples": samples, "temperature": temperature, "top_p": top_p}
+    out.update({k: sums[k] / max(counts[k], 1) for k in sums})
+    out["total"] = sum(r.weight * out[r.name] for r in rewards)
+    out["per_record"] = per_record
+    return out
+
+
 def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *, rewards: Sequence[Any] = (),
                    train_answers: Sequence[str] = (), predictions_path: Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Generate the split's reports, write them to ``predictions_path`` (JSON lines) and score them."""
+                   progress: bool = True, sampling: Any = None, seed: int = 0) -> dict[str, Any]:
+    """Generate the split's reports, write them to ``predictions_path`` (JSON lines) and score them.
+
+    ``sampling`` (an ``RFTConfig``): also the mean rewards of ``cfg.sampled_reward_samples`` sampled
+    reports per record at its temperature and top-p (``reward_sampled``)."""
     records = generate_reports(model, processor, dataset, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                do_sample=cfg.do_sample, limit=cfg.limit, progress=progress)
     if predictions_path is not None:
@@ -153,6 +210,11 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
     res = evaluate_records(records, cfg, train_answers=train_answers)
     if rewards:
         res["reward"] = mean_rewards(records, rewards)
+        if sampling is not None and cfg.sampled_reward_samples:
+            res["reward_sampled"] = sampled_rewards(
+                model, processor, dataset, rewards, samples=cfg.sampled_reward_samples,
+                temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=cfg.max_new_tokens,
+                batch_size=max(1, cfg.batch_size // cfg.sampled_reward_samples), seed=seed, limit=cfg.limit)
     return res
 
 
@@ -209,7 +271,7 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     res = evaluate_model(model, processor, test, cfg.eval, rewards=cfg.rewards,
                          train_answers=[r.answer for r in splits["train"].records] if "train" in splits else (),
                          predictions_path=(Path(run_dir) / "eval" / f"{stage}.jsonl") if run_dir else None,
-                         progress=progress)
+                         progress=progress, sampling=cfg.rft, seed=cfg.seed)
     if run_dir is not None:
         path = Path(run_dir) / "metrics.json"
         summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
@@ -220,4 +282,5 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     ce = res["ce"]
     return {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
             "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
+            "reward_sampled": {k: v for k, v in (res.get("reward_sampled") or {}).items() if k != "per_record"} or None,
             "baseline_f1": res.get("baseline", {}).get("f1")}

@@ -139,6 +139,7 @@ class Run:
         self.echo = echo if self.is_main else (lambda s: None)
         self.model: Any = None
         self.processor: Any = None
+        self.holdout_ids: set[str] = set()
 
     def barrier(self) -> None:
         self.dist.wait_for_everyone()
@@ -195,11 +196,31 @@ class Run:
             self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
             train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
             catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        if cfg.data.rft_holdout and "train" in self.splits:
+            from ..data.dataset import holdout
+
+            sft_recs, rft_recs = holdout(self.splits["train"].records, cfg.data.rft_holdout)
+            if not sft_recs or not rft_recs:
+                raise ConfigError(f"data.rft_holdout={cfg.data.rft_holdout} leaves {len(sft_recs)} SFT and "
+                                  f"{len(rft_recs)} RFT record(s); both need some")
+            self.holdout_ids = {r.id for r in rft_recs}
         if "rft" in cfg.stages:  # a layout the processes cannot share fails now, not after PT and SFT
             from ..training.grpo import check_rft_layout
 
-            check_rft_layout(cfg.rft, world_size=self.dist.num_processes, n_prompts=len(self.splits["train"]))
+            check_rft_layout(cfg.rft, world_size=self.dist.num_processes,
+                             n_prompts=len(self.stage_split("rft")))
         self.barrier()
+
+    def stage_split(self, stage: str) -> Any:
+        """The training records of ``stage``: PT's files; the disease-level split for SFT and RFT, less
+        (SFT) or only (RFT) the records ``data.rft_holdout`` keeps for RFT."""
+        if stage == "pt":
+            return self.splits["pt"]
+        train = self.splits["train"]
+        if not self.holdout_ids:
+            return train
+        keep = [r for r in train.records if (r.id in self.holdout_ids) == (stage == "rft")]
+        return train.subset(keep)
 
     def _attach_cache(self) -> None:
         """Frozen features: encoded once by the main process (the others wait, then read)."""
@@ -325,7 +346,7 @@ class Run:
             from ..training.supervised import run_supervised
 
             scfg = getattr(cfg, stage)
-            ds = self.splits["pt" if stage == "pt" else "train"]
+            ds = self.stage_split(stage)
             collator = SupervisedCollator(ds.collator(), self.processor, scfg.max_length)
             hist = run_supervised(self.model, ds, collator, scfg, sdir, seed=cfg.seed, device=cfg.device,
                                   num_workers=cfg.data.num_workers, resume=resume, processor=self.processor,
@@ -351,7 +372,7 @@ class Run:
         cfg = self.cfg
         catalog = get_catalog()
         funcs = [catalog.rewards.get(r.name) for r in cfg.rewards]
-        return run_grpo(self.model, self.processor, self.splits["train"], cfg.rft, funcs,
+        return run_grpo(self.model, self.processor, self.stage_split("rft"), cfg.rft, funcs,
                         reward_names=[r.name for r in cfg.rewards], reward_weights=[r.weight for r in cfg.rewards],
                         output_dir=sdir, seed=cfg.seed, device=cfg.device, resume=resume, progress=self.progress,
                         on_log=self._rft_echo)
@@ -370,7 +391,7 @@ class Run:
         res = evaluate_model(self.model, self.processor, self.splits["test"], self.cfg.eval,
                              rewards=self.cfg.rewards, train_answers=[r.answer for r in train.records] if train else (),
                              predictions_path=self.out / "eval" / f"{stage}.jsonl" if self.is_main else None,
-                             progress=self.progress)
+                             progress=self.progress, sampling=self.cfg.rft, seed=self.cfg.seed)
         if self.cfg.eval.attribution and stage == self.cfg.stages[-1] and len(self.model.modalities) > 1:
             from .attribution import dataset_attribution
 

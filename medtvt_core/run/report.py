@@ -17,6 +17,12 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
+def _savefig(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(path)
+
+
 def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[str]:
     import matplotlib
 
@@ -32,7 +38,7 @@ def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[st
             if pts:
                 ax.plot(*zip(*pts), label=s.upper())
         ax.set_xlabel("optimiser step"), ax.set_ylabel("cross-entropy"), ax.set_title("PT / SFT loss"), ax.legend()
-        fig.tight_layout(), fig.savefig(out / "loss.png", dpi=110), plt.close(fig)
+        fig.tight_layout(), _savefig(fig, out / "loss.png"), plt.close(fig)
         files.append("loss.png")
     rft = [h for h in history.get("rft", []) if "reward" in h]
     if rft:
@@ -42,7 +48,7 @@ def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[st
         for k in sorted({k for h in rft for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
             ax.plot(steps, [h.get(k, float("nan")) for h in rft], label=k.split("/")[1], alpha=0.7)
         ax.set_xlabel("GRPO step"), ax.set_ylabel("mean reward"), ax.set_title("RFT rewards"), ax.legend()
-        fig.tight_layout(), fig.savefig(out / "rewards.png", dpi=110), plt.close(fig)
+        fig.tight_layout(), _savefig(fig, out / "rewards.png"), plt.close(fig)
         files.append("rewards.png")
     return files
 
@@ -76,7 +82,7 @@ def _plot_weights(out: Path, weights: dict[str, dict[str, float]], attribution: 
         ax.legend(fontsize=7)
     fig.tight_layout()
     name = "modality_weights.png"
-    fig.savefig(out / name, dpi=110)
+    _savefig(fig, out / name)
     plt.close(fig)
     return name
 
@@ -169,5 +175,7 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
     if t:
         lines += ["", "## Time (s)", "", " | ".join(f"{k} {v:.1f}" for k, v in t.items())]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)  # atomic: a reader never sees half a report
     return path

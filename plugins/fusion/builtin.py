@@ -103,6 +103,10 @@ class MPLConfig(CMHAConfig):
 
     cmha: bool = Field(True, description="apply the cyclic multi-head attention (off: M_i = Z_i)")
     cao: bool = Field(True, description="apply the contribution-aware gates (off: T_i = M_i, weights None)")
+    gate_input_norm: bool = Field(False, description=(
+        "layer-normalise each modality's mean token (no affine) before the gate's Linear: keeps the "
+        "sigmoid out of saturation when tokens are large (the paper style has no LayerNorm before it); "
+        "false = the reference"))
 
     @model_validator(mode="after")
     def _cmha_options_need_cmha(self):
@@ -112,7 +116,12 @@ class MPLConfig(CMHAConfig):
 
 
 class CAOConfig(PluginConfig):
-    """The contribution-aware operator alone has no options."""
+    """Options of the contribution-aware operator alone (plugin ``cao``)."""
+
+    gate_input_norm: bool = Field(False, description=(
+        "layer-normalise each modality's mean token (no affine) before the gate's Linear: keeps the "
+        "sigmoid out of saturation when tokens are large (the paper style has no LayerNorm before it); "
+        "false = the reference"))
 
 
 class NoFusionConfig(PluginConfig):
@@ -188,9 +197,10 @@ class MPLFusion(_MaskedFusion):
     def __init__(self, dim: int, num_modalities: int, *, style: Style = "official", num_heads: int = 4,
                  dropout: float = 0.1, residual_scale: float = 0.01, rotations: list[Rotation] | None = None,
                  f_dropout_masks: FDropoutMasks = "shared", cmha: bool = True, cao: bool = True,
-                 modality_names: Sequence[str] | None = None):
+                 gate_input_norm: bool = False, modality_names: Sequence[str] | None = None):
         cfg = MPLConfig(style=style, num_heads=num_heads, dropout=dropout, residual_scale=residual_scale,
-                        rotations=rotations, f_dropout_masks=f_dropout_masks, cmha=cmha, cao=cao)
+                        rotations=rotations, f_dropout_masks=f_dropout_masks, cmha=cmha, cao=cao,
+                        gate_input_norm=gate_input_norm)
         self._setup(dim, num_modalities, cfg, use_cmha=cfg.cmha, use_cao=cfg.cao, modality_names=modality_names)
 
     def _setup(self, dim: int, num_modalities: int, cfg: PluginConfig, *, use_cmha: bool, use_cao: bool,
@@ -227,6 +237,7 @@ class MPLFusion(_MaskedFusion):
                 self.f_dropout = nn.Dropout(cfg.dropout)
         if use_cao:
             self.gate = nn.Linear(num_modalities * dim, num_modalities)
+            self.gate_input_norm = bool(getattr(cfg, "gate_input_norm", False))
 
     # ---------------------------------------------------------------- pieces
     def cross_attention(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -266,6 +277,8 @@ class MPLFusion(_MaskedFusion):
         """CAO gates ``[B, M]`` in (0, 1) for present modalities, exactly 0 for masked ones."""
         b, m, _, d = x.shape
         summary = x.mean(dim=2)  # [B, M, D]; masked slots are already zero
+        if self.gate_input_norm:  # a zero (masked) slot stays zero: its mean and variance are 0
+            summary = torch.nn.functional.layer_norm(summary, (d,))
         g = torch.sigmoid(self.gate(summary.reshape(b, m * d)))
         return torch.where(mask, g, g.new_zeros(()))
 
@@ -301,8 +314,10 @@ class CAOFusion(MPLFusion):
 
     config_class: ClassVar[type[PluginConfig]] = CAOConfig
 
-    def __init__(self, dim: int, num_modalities: int, *, modality_names: Sequence[str] | None = None):
-        self._setup(dim, num_modalities, CAOConfig(), use_cmha=False, use_cao=True, modality_names=modality_names)
+    def __init__(self, dim: int, num_modalities: int, *, gate_input_norm: bool = False,
+                 modality_names: Sequence[str] | None = None):
+        self._setup(dim, num_modalities, CAOConfig(gate_input_norm=gate_input_norm), use_cmha=False, use_cao=True,
+                    modality_names=modality_names)
 
 
 class NoFusion(IdentityFusion):

@@ -15,9 +15,10 @@ so DDP/FSDP hooks see every parameter use.  Each process generates the G complet
 prompts (a group never spans processes); rewards are gathered before the advantages are
 normalised, and metrics are reduced over processes as TRL does.
 
-Sampling is reproducible per prompt: the G completions of a prompt are drawn from a generator
-seeded by (seed, optimiser step, record id), so a run's rollouts do not depend on how prompts are
-batched or on the number of processes, and a resumed run redraws exactly what an uninterrupted
+Sampling is reproducible per completion: every row draws its tokens from its own generator,
+seeded by (seed, optimiser step, record id, row of the group) (:class:`SeededRowSampler`), so a
+run's rollouts do not depend on how prompts are batched or on the number of processes (up to the
+float rounding of a differently padded batch), and a resumed run redraws what an uninterrupted
 one draws.
 """
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import math
 import warnings
@@ -39,6 +39,7 @@ from transformers import TrainingArguments
 
 from ...errors import ConfigError, DataError
 from ..supervised import MedTVTTrainer, last_complete_checkpoint
+from ...model.sampling import SeededRowSampler, row_generators
 from .math import (compute_rewards, completion_mask_after_eos, group_advantages, grpo_loss, nanstd,
                    selective_log_softmax, weighted_rewards)
 
@@ -69,8 +70,8 @@ def check_rft_layout(cfg: Any, *, world_size: int, n_prompts: int | None = None)
     per_step = cfg.batch_size * cfg.grad_accum * world_size
     if n_prompts is not None and n_prompts < per_step:
         raise ConfigError(f"rft: {world_size} process(es) x rft.batch_size={cfg.batch_size} x rft.grad_accum="
-                          f"{cfg.grad_accum} = {per_step} prompts per step, but the training split has {n_prompts}; "
-                          f"lower rft.batch_size or rft.grad_accum, or use fewer processes")
+                          f"{cfg.grad_accum} = {per_step} prompts per step, but RFT has {n_prompts} training "
+                          f"record(s); lower rft.batch_size or rft.grad_accum, use fewer processes, or raise data.rft_holdout")
     if cfg.save_steps and cfg.num_iterations > 1 and cfg.save_steps % cfg.num_iterations:
         raise ConfigError(f"rft.save_steps={cfg.save_steps} must be a multiple of rft.num_iterations="
                           f"{cfg.num_iterations}: a checkpoint holds no rollout buffer, so it must fall at the end "
@@ -94,8 +95,8 @@ class PromptWindowSampler(torch.utils.data.Sampler[list[int]]):
         self.repeats, self.seed, self.epoch_of = repeats, seed, epoch_of
         self.window = per_process * num_processes
         if n < self.window:
-            raise ConfigError(f"rft: {self.window} prompts per step over {num_processes} process(es), but the "
-                              f"training split has {n}")
+            raise ConfigError(f"rft: {self.window} prompts per step over {num_processes} process(es), but RFT has "
+                              f"{n} training record(s)")
 
     def __len__(self) -> int:
         return (self.n // self.window) * self.repeats
@@ -114,7 +115,7 @@ def grpo_arguments(cfg: Any, out_dir: Path, *, seed: int, device: str, progress:
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return TrainingArguments(
-        output_dir=str(out_dir), max_steps=cfg.max_steps * cfg.num_iterations, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr": cfg.min_lr}, warmup_steps=cfg.warmup_ratio,
@@ -124,8 +125,6 @@ def grpo_arguments(cfg: Any, out_dir: Path, *, seed: int, device: str, progress:
         report_to=[], disable_tqdm=not progress, dataloader_num_workers=0)
 
 
-def _seed_of(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 class _EpochLoader(torch.utils.data.DataLoader):
@@ -246,25 +245,18 @@ class MedTVTGRPOTrainer(MedTVTTrainer):
             raise DataError(f"{n - feats['index'].numel()} prompt(s) over rft.max_prompt_length="
                             f"{rft.max_prompt_length}; raise it (prompts are never cut: that could drop a placeholder)")
         names = batch["modality_names"]
-        prompt_rows, comp_rows = [], []
+        gens = row_generators(self.args.seed, batch["ids"], G, self.state.global_step)
         with self._generation_model() as gen_model:
-            for i in range(n):
-                keep = torch.tensor([i])
-                mask = batch["modality_mask"][keep]
-                ids = feats["input_ids"][i][feats["attention_mask"][i].bool()]
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(_seed_of(self.args.seed, self.state.global_step, batch["ids"][i]))
-                    new = gen_model.generate(
-                        ids[None].to(device), torch.ones(1, len(ids), dtype=torch.long, device=device),
-                        modality_mask=mask, modality_inputs=subset_modalities(batch["modality_mask"],
-                                                                              batch["modality_inputs"], names, keep),
-                        modality_features=subset_modalities(batch["modality_mask"], batch["modality_features"],
-                                                            names, keep),
-                        do_sample=True, temperature=rft.temperature, top_p=rft.top_p, top_k=0,
-                        max_new_tokens=rft.max_completion_length, num_return_sequences=G,
-                        eos_token_id=proc.stop_token_ids, pad_token_id=proc.pad_token_id)
-                prompt_rows.append(ids)
-                comp_rows.extend(new.cpu())
+            new = gen_model.generate(
+                feats["input_ids"].to(device), feats["attention_mask"].to(device),
+                modality_mask=batch["modality_mask"], modality_inputs=batch["modality_inputs"],
+                modality_features=batch["modality_features"], do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                max_new_tokens=rft.max_completion_length, num_return_sequences=G,
+                eos_token_id=proc.stop_token_ids, pad_token_id=proc.pad_token_id,
+                logits_processor=[SeededRowSampler(gens, temperature=rft.temperature, top_p=rft.top_p,
+                                                   max_steps=rft.max_completion_length)])
+        prompt_rows = [row[m.bool()] for row, m in zip(feats["input_ids"], feats["attention_mask"])]
+        comp_rows = list(new.cpu())
         prompt_ids, prompt_mask = pad_sequences(prompt_rows, proc.pad_token_id, side="left")
         completion_ids, _ = pad_sequences(comp_rows, proc.pad_token_id, side="right")
         cmask = completion_mask_after_eos(completion_ids, proc.stop_token_ids)
