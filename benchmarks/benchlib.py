@@ -89,6 +89,24 @@ def build_model(cfg: Any, device: str | torch.device, *, catalog: Any = None, co
     return model.to(device), processor
 
 
+class ItemSet(torch.utils.data.Dataset):
+    """In-memory items in :class:`QADataset`'s format (frozen features already computed), with its collator."""
+
+    def __init__(self, items: list[dict[str, Any]], modality_names: Sequence[str]):
+        self.items, self.modality_names = items, list(modality_names)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+    def collator(self) -> Any:
+        from medtvt_core.data.dataset import Collator
+
+        return Collator(self.modality_names)
+
+
 def synchronize(device: str | torch.device) -> None:
     if is_cuda(device):
         torch.cuda.synchronize()

@@ -64,26 +64,8 @@ HEADER = ["trainer", "s/step", "rollout tok/s", "step ms / gen. token", "generat
 
 
 # --------------------------------------------------------------------------- data
-class FeaturePrompts(torch.utils.data.Dataset):
-    """The cohort's training records as QADataset items, frozen features computed once (in memory)."""
-
-    def __init__(self, items: list[dict[str, Any]], modality_names: Sequence[str]):
-        self.items, self.modality_names = items, list(modality_names)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-    def collator(self) -> Any:
-        from medtvt_core.data.dataset import Collator
-
-        return Collator(self.modality_names)
-
-
 def cohort_prompts(model: Any, processor: Any, root: str, n_patients: int, train_file: str,
-                   device: str = "cpu") -> FeaturePrompts:
+                   device: str = "cpu") -> benchlib.ItemSet:
     from medtvt_core.data.dataset import open_splits
     from medtvt_core.data.synth import synthesize
 
@@ -95,7 +77,7 @@ def cohort_prompts(model: Any, processor: Any, root: str, n_patients: int, train
             it = ds[i]
             feats = {m: model.encoders[m].encode(x[None].to(device))[0].cpu() for m, x in it["inputs"].items()}
             items.append({**it, "inputs": {}, "features": feats})
-    return FeaturePrompts(items, ds.modality_names)
+    return benchlib.ItemSet(items, ds.modality_names)
 
 
 def text_prompts(processor: Any, prompts: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
@@ -212,7 +194,7 @@ def trainable(model: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the two runs
-def run_medtvt(base: Any, processor: Any, data: FeaturePrompts, rft: Any, a: Any, out_dir: str) -> dict[str, Any]:
+def run_medtvt(base: Any, processor: Any, data: benchlib.ItemSet, rft: Any, a: Any, out_dir: str) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     from medtvt_core.training.grpo import MedTVTGRPOTrainer, grpo_arguments

@@ -126,30 +126,18 @@ def measure_supervised(model: Any, stage: str, stage_cfg: Any, *, batch: int, se
 
 
 # --------------------------------------------------------------------------- RFT
-class PromptSet(torch.utils.data.Dataset):
-    """In-memory disease-level prompts with cached features, in :class:`QADataset`'s item format."""
+def prompt_set(model: Any, n: int, question: str = benchlib.QUESTION, answer: str = benchlib.ANSWER,
+               seed: int = 0) -> benchlib.ItemSet:
+    """In-memory disease-level prompts with random cached features, in :class:`QADataset`'s item format."""
+    from medtvt_core.data.labels import parse_answer
 
-    def __init__(self, model: Any, n: int, question: str = benchlib.QUESTION, answer: str = benchlib.ANSWER,
-                 seed: int = 0):
-        from medtvt_core.data.labels import parse_answer
-
-        g = torch.Generator().manual_seed(seed)
-        self.modality_names = list(model.modalities)
-        self.items = [{"id": f"bench-{i}", "prompt": question, "answer": answer, "labels": parse_answer(answer),
-                       "present": {m: True for m in self.modality_names}, "inputs": {},
-                       "features": {m: torch.randn(*model.encoders[m].feature_shape, generator=g)
-                                    for m in self.modality_names}} for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-    def collator(self) -> Any:
-        from medtvt_core.data.dataset import Collator
-
-        return Collator(self.modality_names)
+    g = torch.Generator().manual_seed(seed)
+    names = list(model.modalities)
+    items = [{"id": f"bench-{i}", "prompt": question, "answer": answer, "labels": parse_answer(answer),
+              "present": {m: True for m in names}, "inputs": {},
+              "features": {m: torch.randn(*model.encoders[m].feature_shape, generator=g) for m in names}}
+             for i in range(n)]
+    return benchlib.ItemSet(items, names)
 
 
 class _GenerateTimer:
@@ -190,7 +178,7 @@ def measure_rft(model: Any, processor: Any, rft_cfg: Any, reward_refs: Sequence[
     cfg = rft_cfg.model_copy(update={"max_steps": steps, "logging_steps": 1, "save_steps": 10**9})
     configure_trainable(model, "rft", train_extras=train_extras)
     n_prompts = 2 * cfg.batch_size * cfg.grad_accum
-    data = PromptSet(model, n_prompts, seed=seed)
+    data = prompt_set(model, n_prompts, seed=seed)
     funcs = [catalog.rewards.get(r.name) for r in reward_refs]
     stamps: list[float] = []
     logs: list[dict[str, Any]] = []

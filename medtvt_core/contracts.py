@@ -17,16 +17,36 @@ Shapes use ``B`` batch, ``M`` modalities, ``N`` frozen feature steps, ``C`` feat
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+_SAVED_WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("medtvt_saved_weights_follow", default=False)
+
+
+def saved_weights_follow() -> bool:
+    """True while a saved medtvt model is built: every tensor a plugin builds without a weights file is
+    replaced next by the saved one, so "randomly initialised" is not worth a warning then."""
+    return _SAVED_WEIGHTS_FOLLOW.get()
+
+
+@contextlib.contextmanager
+def building_saved_model() -> Iterator[None]:
+    """Context in which :func:`saved_weights_follow` is true (used by the model loader)."""
+    token = _SAVED_WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _SAVED_WEIGHTS_FOLLOW.reset(token)
 
 
 class PluginConfig(BaseModel):

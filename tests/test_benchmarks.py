@@ -18,14 +18,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a small shared machine: a second thread spins in OpenMP barriers far more than
-    # it computes (measured here: an epoch of 3 samples took 6 s with 2 threads, 0.1 s with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

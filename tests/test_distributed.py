@@ -114,6 +114,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
         wa, wb = load_file(str(one / s / "final" / "model.safetensors")), load_file(str(two / s / "final" / "model.safetensors"))
         assert sorted(wa) == sorted(wb)
         diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        print(f"{s}: max |loss 1 proc - loss 2 procs| {max(abs(x - y) for x, y in zip(a, b)):.3g}, "
+              f"max |weight difference| {diff:.3g}")  # shown with pytest -s (the numbers in the notes)
         assert diff <= WEIGHT_TOL, (s, diff)
     rft = [h for h in json.loads((two / "rft" / "history.json").read_text()) if "reward" in h]
     assert rft and rft[0]["reward_std"] > 0  # the RFT step had advantages to follow

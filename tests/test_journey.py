@@ -61,6 +61,7 @@ def test_eval_reproduces_the_runs_numbers(demo):
 def test_diagnose_one_patient_with_every_modality(demo):
     res = json.loads(ok(medtvt("diagnose", "--run", demo, *_patient(demo), "--json", "--samples", "2")).stdout)
     report = res["report"]
+    assert "<answer>" in report
     # The strict rule restated: a disease set exactly when the report has one <answer>...</answer> block
     # (the short test training may leave malformed reports; then the set must be null, never guessed).
     one_block = report.count("<answer>") == 1 and report.count("</answer>") == 1 \

@@ -343,9 +343,14 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         # scoring the completion, whose placeholders must match the modality tokens).
         gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                    num_return_sequences=g, eos_token_id=eos, pad_token_id=pad, bos_token_id=tc.bos_token_id,
-                   use_cache=use_cache, suppress_tokens=sorted(self.config.placeholder_token_ids.values()))
+                   use_cache=use_cache, suppress_tokens=sorted(self.config.placeholder_token_ids.values()),
+                   # Explicit neutral values: generate() fills every unset (None) field from the LLM's own
+                   # generation_config (e.g. a hub repetition_penalty), which would make rollouts come from
+                   # another distribution than the one the GRPO loss scores (TRL sets these too).
+                   repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_repetition_penalty=1.0)
         if do_sample:  # passed only when sampling: transformers warns about unused sampling options
-            gen.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
+            gen.update(temperature=temperature, top_p=top_p, top_k=top_k or 0,
+                       typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
         config = GenerationConfig(**gen)
         # Generation options (e.g. output_logits) go into the config; the rest are model inputs.
         model_kwargs = config.update(**generate_kwargs)

@@ -18,13 +18,13 @@ Loading needs nothing else: no data directory, no run configuration, no training
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..contracts import building_saved_model
 from ..errors import CheckpointError
 from .configuration import FORMAT_VERSION, MedTVTConfig
 
@@ -160,14 +160,10 @@ def load_model(directory: str | os.PathLike[str], *, catalog: Any = None, device
     config = read_model_config(d)
     for ref in config.weight_references:
         check_weight_reference(ref, str(d / CONFIG_NAME))
-    # Plugins warn when they build without weights ("randomly initialised"); here every tensor they
-    # build is replaced next by the saved one (strictly checked), so such a warning would be false.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
+    # Plugins that build without a weights file need not warn "randomly initialised": what they
+    # build is replaced next by the saved tensors (strictly checked); referenced files load as usual.
+    with building_saved_model():
         model = MedTVTForConditionalGeneration(config, catalog=catalog)
-    finally:
-        logging.disable(previous)
     load_weights(model, d)
     from .stages import freeze
 

@@ -178,20 +178,24 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
                                                                 max_steps=max_new_tokens)])
         texts = processor.decode(new)
         rep = lambda xs: [x for x in xs for _ in range(samples)]  # noqa: E731
-        totals = torch.zeros(len(texts))
+        # As reward_values: a sample's total sums its defined rewards (None when none is defined); a
+        # record's value is the mean over its samples with a total (None when there is none).
+        totals: list[float | None] = [None] * len(texts)
         for rr in rewards:
             vals = cat.rewards.get(rr.name)(prompts=rep(batch["prompts"]), completions=texts,
                                             answer=rep(batch["answers"]))
             ok = [v for v in vals if v is not None]
             sums[rr.name] += sum(ok)
             counts[rr.name] += len(ok)
-            totals += rr.weight * torch.tensor([0.0 if v is None else float(v) for v in vals])
+            totals = [t if v is None else (t or 0.0) + rr.weight * float(v) for t, v in zip(totals, vals)]
         for i, rid in enumerate(batch["ids"]):
-            per_record[rid] = float(totals[i * samples:(i + 1) * samples].mean())
+            mine = [t for t in totals[i * samples:(i + 1) * samples] if t is not None]
+            per_record[rid] = sum(mine) / len(mine) if mine else None
     model.train(was)
     out: dict[str, Any] = {"samples": samples, "temperature": temperature, "top_p": top_p}
     out.update({k: sums[k] / max(counts[k], 1) for k in sums})
-    out["total"] = sum(r.weight * out[r.name] for r in rewards)
+    defined = [v for v in per_record.values() if v is not None]
+    out["total"] = sum(defined) / len(defined) if defined else None  # the mean of the per-record values
     out["per_record"] = per_record
     return out
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from medtvt_core import hookimpl
 from medtvt_core.checkpoints import load_into, load_state_file, select_state
-from medtvt_core.contracts import Encoder, PluginConfig
+from medtvt_core.contracts import Encoder, PluginConfig, saved_weights_follow
 from medtvt_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class SymileEncoder(Encoder):
         if self.config.weights is not None:
             self.load_backbone(self.config.weights, trust=self.config.trust_checkpoint)
         else:
-            log = logger.warning if self.config.variant == "full" else logger.info
+            log = logger.warning if self.config.variant == "full" and not saved_weights_follow() else logger.info
             log("symile (%s): no weights given, lab encoder randomly initialised (tests/demo only)", self.config.variant)
         self.freeze_backbone()
         self.backbone.eval()

@@ -23,7 +23,7 @@ from torch import nn
 
 from medtvt_core import hookimpl
 from medtvt_core.checkpoints import load_into, load_state_file, select_state, strip_common_prefix
-from medtvt_core.contracts import Encoder, PluginConfig
+from medtvt_core.contracts import Encoder, PluginConfig, saved_weights_follow
 from medtvt_core.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class VitEncoder(Encoder):
         if self.config.weights is not None:
             self.load_backbone(self.config.weights, trust=self.config.trust_checkpoint)
         else:
-            log = logger.warning if self.config.variant == "base" else logger.info
+            log = logger.warning if self.config.variant == "base" and not saved_weights_follow() else logger.info
             log("vit (%s): no weights given, ViT randomly initialised (tests/demo only)", self.config.variant)
         self.freeze_backbone()
         self.vit.eval()

@@ -372,7 +372,9 @@ class MedTVTGRPOTrainer(MedTVTTrainer):
             steps_per_generation=self.args.gradient_accumulation_steps,
             use_bias_correction_kl=rft.use_bias_correction_kl,
             reduce=(lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None,
-            gather=acc.gather if acc.num_processes > 1 else None)
+            # rows per process differ when a prompt was skipped at read time: pad with NaN (ignored)
+            gather=(lambda t: acc.gather(acc.pad_across_processes(t, pad_index=float("nan"))))
+            if acc.num_processes > 1 else None)
         for k, v in metrics.items():
             self._metrics[k].append(float(v))
         return loss
