@@ -361,6 +361,12 @@ def test_ablate_reuses_the_shared_pt_stage(tmp_path, tiny_config):
         assert abs(float(x["f1_mean"]) - m["stages"]["sft"]["ce"]["f1"]) < 1e-12
     md = (out / "ablation.md").read_text()
     assert "fusion-mpl" in md and "fusion-cao" in md, md
+    # eval/diagnose --run on a variant find its models in the shared store (they are not in the variant dir)
+    from medtvt_core.run.diagnose import model_dir_of_run
+
+    found = {model_dir_of_run(out / f"fusion-{f}").parent.name for f in ("mpl", "cao")}
+    assert len(found) == 2 and all(n.startswith("sft-") for n in found), found
+    assert model_dir_of_run(out / "fusion-cao", "pt").parent.parent == (out / "stages").resolve()
     assert "Table 3" in (out / "report.md").read_text()
 
 

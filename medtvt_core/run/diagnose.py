@@ -7,6 +7,7 @@ configuration is needed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,10 +27,16 @@ def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: not a medtvt run directory (no config.yaml)")
     stages = [stage] if stage else ["rft", "sft", "pt"]
+    # A run of `ablate` or `run --seeds` keeps its models in the shared stage store (metrics.json says where).
+    metrics = run_dir / "metrics.json"
+    try:
+        stored = json.loads(metrics.read_text()).get("models", {}) if metrics.is_file() else {}
+    except ValueError:
+        stored = {}
     for s in stages:
-        d = run_dir / s / FINAL
-        if is_saved_model(d):
-            return d
+        for d in (run_dir / s / FINAL, Path(stored[s]) if s in stored else None):
+            if d is not None and is_saved_model(d):
+                return d
     want = f"stage {stage!r}" if stage else "any stage"
     raise ConfigError(f"--run {run_dir}: {want} has no completed model ({run_dir / (stage or '<stage>') / FINAL})")
 

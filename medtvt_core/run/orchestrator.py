@@ -436,6 +436,8 @@ class Run:
 
         summary = {"seed": self.cfg.seed, "world_size": self.dist.num_processes, "stages": self.metrics,
                    "timings_s": self.timings}
+        if self.stage_store is not None:  # ablate / --seeds: the models live in the shared store
+            summary["models"] = {s: str((self._stage_dir(s) / FINAL).resolve()) for s in self.cfg.stages}
         base = next((m["baseline"] for m in self.metrics.values() if "baseline" in m), None)
         if base is not None:
             summary["baseline"] = base
