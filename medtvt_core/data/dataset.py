@@ -313,7 +313,6 @@ def holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord
     return [r for r in records if id(r) not in held], out
 
 
-
 def open_splits(root: str | Path, *, modalities: Mapping[str, Modality], pt_files: Sequence[str] = (),
                 train_file: str | None = None, test_file: str | None = None, on_bad_sample: OnBad = "fail",
                 known: Mapping[str, type[Modality]] | None = None, catalog: Any = None,

@@ -161,9 +161,8 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
                                          shuffle=False, collate_fn=dataset.collator())
     was = model.training
     model.eval()
-    sums: dict[str, float] = {r.name: 0.0 for r in rewards}
-    counts: dict[str, int] = {r.name: 0 for r in rewards}
-    per_record: dict[str, float] = {}
+    scored: list[dict[str, str]] = []
+    per_record: dict[str, float | None] = {}
     for batch in loader:
         if not batch["ids"]:
             continue
@@ -177,25 +176,16 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
                              logits_processor=[SeededRowSampler(gens, temperature=temperature, top_p=top_p,
                                                                 max_steps=max_new_tokens)])
         texts = processor.decode(new)
-        rep = lambda xs: [x for x in xs for _ in range(samples)]  # noqa: E731
-        # As reward_values: a sample's total sums its defined rewards (None when none is defined); a
-        # record's value is the mean over its samples with a total (None when there is none).
-        totals: list[float | None] = [None] * len(texts)
-        for rr in rewards:
-            vals = cat.rewards.get(rr.name)(prompts=rep(batch["prompts"]), completions=texts,
-                                            answer=rep(batch["answers"]))
-            ok = [v for v in vals if v is not None]
-            sums[rr.name] += sum(ok)
-            counts[rr.name] += len(ok)
-            totals = [t if v is None else (t or 0.0) + rr.weight * float(v) for t, v in zip(totals, vals)]
+        rows = [{"prompt": batch["prompts"][i // samples], "reference": batch["answers"][i // samples],
+                 "prediction": t} for i, t in enumerate(texts)]  # record-major, as row_generators
+        scored.extend(rows)
+        totals = reward_values(rows, rewards, cat)  # the greedy rule: None where every reward is undefined
         for i, rid in enumerate(batch["ids"]):
             mine = [t for t in totals[i * samples:(i + 1) * samples] if t is not None]
             per_record[rid] = sum(mine) / len(mine) if mine else None
     model.train(was)
     out: dict[str, Any] = {"samples": samples, "temperature": temperature, "top_p": top_p}
-    out.update({k: sums[k] / max(counts[k], 1) for k in sums})
-    defined = [v for v in per_record.values() if v is not None]
-    out["total"] = sum(defined) / len(defined) if defined else None  # the mean of the per-record values
+    out.update(mean_rewards(scored, rewards, cat))  # per reward and "total", as the greedy ``reward``
     out["per_record"] = per_record
     return out
 
