@@ -37,7 +37,7 @@ def config_options(f: Any) -> Any:
         return f(*args, sets=sets, **kwargs)
 
     opts = [
-        click.option("--preset", help="Start from a preset: demo or paper."),
+        click.option("--preset", help="Start from a preset: demo, study or paper."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML or TOML config file."),
         click.option("--fusion", help="Fusion plugin: mpl, cmha, cao, none, ..."),
         click.option("--modalities", help="Comma list, e.g. ecg,lab (others are treated as absent)."),

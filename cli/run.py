@@ -39,7 +39,7 @@ def _run_sets(random_weights: bool, deterministic: bool) -> list[str]:
 @click.command("run")
 @config_options
 @click.option("--seeds", help="Run once per seed, e.g. 0,1,2 (or 0-2), into <out>/seed-<s>; writes a table with "
-                              "mean, std and 95%% bootstrap intervals.")
+                              "mean, std and 95% bootstrap intervals.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last checkpoint.")
 @click.option("--deterministic", is_flag=True, help="Turn on torch's deterministic algorithms (recorded in environment.json).")
 @click.option("--random-weights", is_flag=True, help="Allow random encoder/LLM weights where a preset requires real ones.")
