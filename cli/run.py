@@ -222,6 +222,8 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
         for d, p in att["p_named"].items():
             click.echo(f"  {d}: {p:.2f} -> " + ", ".join(f"without {m} {att['p_named_without'][m][d]:.2f}"
                                                         for m in att["p_named_without"]))
+        if att.get("other_names"):
+            click.echo(f"  ({att['other_names']} sampled report(s) also named something outside the disease list)")
 
 
 # ------------------------------------------------------------------------------ export

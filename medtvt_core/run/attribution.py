@@ -95,9 +95,10 @@ def dataset_attribution(model: Any, processor: Any, dataset: Any, *, batch_size:
 
 def patient_attribution(model: Any, processor: Any, batch: Mapping[str, Any], report: str | None = None, *,
                         samples: int = 8, seed: int = 0, temperature: float = 1.0,
-                        max_new_tokens: int | None = None) -> dict[str, Any]:
-    """``{"method", "samples", "p_named": {d: p}, "p_named_without": {m: {d: p}}, "delta": {d: {m: dp}}}``
-    for one patient (``batch`` of one sample); ``d`` runs over the diseases named in any report."""
+                        max_new_tokens: int | None = None, diseases: Sequence[str] = DISEASES) -> dict[str, Any]:
+    """``{"method", "samples", "p_named": {d: p}, "p_named_without": {m: {d: p}}, "delta": {d: {m: dp}},
+    "other_names": n}`` for one patient (``batch`` of one sample); ``d`` runs over the ``diseases`` named
+    in any report; ``other_names`` counts the sampled reports that name something outside them."""
     mnt = max_new_tokens or processor.max_new_tokens
     given = [m for j, m in enumerate(model.modalities) if bool(batch["modality_mask"][0, j])]
     with torch.random.fork_rng(devices=[]):
@@ -105,10 +106,14 @@ def patient_attribution(model: Any, processor: Any, batch: Mapping[str, Any], re
         full = _named(model, processor, batch, max_new_tokens=mnt, samples=samples, temperature=temperature)[0]
         wo = {m: _named(model, processor, mask_modality(batch, model.modalities, processor.placeholders, m),
                         max_new_tokens=mnt, samples=samples, temperature=temperature)[0] for m in given if len(given) > 1}
-    named = set().union(*full, *(s for v in wo.values() for s in v), answer_set(report or "") or ())
+    reports = [*full, *(s for v in wo.values() for s in v)]
+    # Sampled reports may name things outside the vocabulary ("disease", a misspelling): they are no
+    # disease to attribute, so they are counted, not listed (the metrics count them as wrong names).
+    named = set().union(*reports, answer_set(report or "") or ()) & set(diseases)
     rate = lambda sets, d: sum(d in s for s in sets) / len(sets)  # noqa: E731
     p = {d: rate(full, d) for d in sorted(named)}
     pw = {m: {d: rate(s, d) for d in sorted(named)} for m, s in wo.items()}
     return {"method": f"{samples} sampled reports (temperature {temperature:g}, seed {seed}) per condition",
             "samples": samples, "p_named": p, "p_named_without": pw,
-            "delta": {d: {m: p[d] - pw[m][d] for m in pw} for d in p}}
+            "delta": {d: {m: p[d] - pw[m][d] for m in pw} for d in p},
+            "other_names": sum(bool(s - set(diseases)) for s in reports)}
