@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("pt", "sft", "rft")
 SETS = [
-    # 40 patients: 30 training records, of which demo's data.rft_holdout keeps ~9 for RFT (8 prompts
-    # over 2 steps) and ~21 for SFT (16 in its 2 steps, all within the first epoch)
-    "data.synth.n_patients=40", "encoders.lab.options.variant=tiny", "llm.options.pretrain_steps=5",
+    # 40 patients: 30 training records, of which rft_holdout 0.3 keeps ~9 for RFT (8 prompts over 2
+    # steps) and ~21 for SFT (16 in its 2 steps, all within the first epoch); pinned, not the preset's
+    "data.synth.n_patients=40", "data.rft_holdout=0.3", "encoders.lab.options.variant=tiny", "llm.options.pretrain_steps=5",
     "llm.options.lora_dropout=0", "fusion.options.dropout=0",
     # within the first epoch: an uneven last batch is padded differently by 1 and 2 processes
     "pt.epochs=1", "pt.max_steps=3", "pt.batch_size=4", "sft.max_steps=2", "sft.batch_size=4",

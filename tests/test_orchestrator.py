@@ -34,6 +34,7 @@ STAGES = ("pt", "sft", "rft")
 # The tiny configuration (on top of the demo preset): seconds per stage on 2 CPU cores.
 TINY_SETS = [
     "data.synth.n_patients=24",
+    "data.rft_holdout=0.3",  # pinned (the preset's is tuned): ~13 SFT records, ~5 RFT prompts
     "encoders.lab.options.variant=tiny",  # the demo's full-width labs MLP is not needed to test the plumbing
     # batch sizes pinned (the demo preset's are being tuned): SFT has 2 batches per epoch, so its 3 steps
     # cross an epoch boundary (a resume must replay the next epoch's shuffle too)
@@ -297,11 +298,15 @@ def test_diagnose_one_patient_without_labs(full_run, cohort):
 # --------------------------------------------------------------------------- bad input
 def test_bad_plugin_names_are_one_line_errors(tmp_path, tiny_config):
     out = tmp_path / "never"
-    fusion, modality = medtvt_all(("run", "--config", tiny_config, "--fusion", "nope", "--out", out),
-                                  ("run", "--config", tiny_config, "--modalities", "ecg,xray", "--out", out))
+    fusion, modality, split = medtvt_all(
+        ("run", "--config", tiny_config, "--fusion", "nope", "--out", out),
+        ("run", "--config", tiny_config, "--modalities", "ecg,xray", "--out", out),
+        # two cohorts have no common test split (data.rft_holdout only partitions training: allowed)
+        ("ablate", "--config", tiny_config, "--grid", "data.synth.seed=0,1", "--out", tmp_path / "abl"))
     one_line_error(fusion, "'nope'", "mpl", "cao")  # names the choices
     one_line_error(modality, "xray")
-    assert not out.exists()
+    one_line_error(split, "--grid", "do not share one test split")
+    assert not out.exists() and not list((tmp_path / "abl").glob("*/metrics.json"))
 
 
 def test_broken_qa_record_is_a_one_line_error(tmp_path, cohort, tiny_config):
@@ -367,7 +372,18 @@ def test_ablate_reuses_the_shared_pt_stage(tmp_path, tiny_config):
     found = {model_dir_of_run(out / f"fusion-{f}").parent.name for f in ("mpl", "cao")}
     assert len(found) == 2 and all(n.startswith("sft-") for n in found), found
     assert model_dir_of_run(out / "fusion-cao", "pt").parent.parent == (out / "stages").resolve()
-    assert "Table 3" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Table 3" in report and "## What the last stage added" in report
+    # stages.md: per variant, the last stage (SFT) against the one before it (PT), each row the
+    # stage's own F1 as its metrics.json has it
+    stages_md = (out / "stages.md").read_text()
+    for f in ("mpl", "cao"):
+        m = json.loads((out / f"fusion-{f}" / "metrics.json").read_text())["stages"]
+        section = stages_md.split(f"# Stages of `fusion-{f}`")[1].split("# Stages of")[0]
+        rows = {ln.split(" | ")[0].strip("| "): ln for ln in section.splitlines() if ln.startswith("| pt") or ln.startswith("| sft")}
+        assert set(rows) == {"pt", "sft"}, section
+        for st in ("pt", "sft"):
+            assert rows[st].split(" | ")[1] == f"{m[st]['ce']['f1']:.4f}", (st, rows[st])
 
 
 # --------------------------------------------------------------------------- --resume after kill -9

@@ -82,7 +82,7 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     from accelerate import PartialState
 
     from ..data.synth import ensure_synthetic
-    from ..stats import noise_sentences, summarize_ablation, write_ablation
+    from ..stats import _atomic_write, noise_sentences, summarize_ablation, write_ablation
     from .orchestrator import Run, write_json
 
     state = PartialState()  # several processes (accelerate launch / torchrun): the main one writes
@@ -109,20 +109,29 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         run_seeds = list(seeds) if seeds else [base.seed]
         configs[name] = [resolve(kw, extra + data_sets + [f"seed={s}"],
                                  str(out / name / f"seed-{s}") if seeds else str(out / name)) for s in run_seeds]
-    tests = {name: {json.dumps(c.data.model_dump(mode="json"), sort_keys=True) for c in cs} for name, cs in configs.items()}
+    # Fields that only choose or partition the training data leave the test split alone, so a grid may vary
+    # them (data.rft_holdout=0.3,0.5); any other data field could change which records are tested or how.
+    train_only = {"rft_holdout", "pt_files", "train_file"}
+    tests = {name: {json.dumps(c.data.model_dump(mode="json", exclude=train_only), sort_keys=True) for c in cs}
+             for name, cs in configs.items()}
     if len({t for ts in tests.values() for t in ts}) > 1:
         raise ConfigError("--grid: the variants do not share one test split (their data settings differ); "
                           "vary data.* in separate ablations")
     scores: dict[str, dict[int, dict[str, dict[str, float | None]]]] = {}
     metrics: dict[str, dict[int, dict[str, Any]]] = {}
+    # variant -> {previous stage, last stage} -> seed -> per-record scores: what the last stage added
+    by_stage: dict[str, dict[str, dict[int, dict[str, dict[str, float | None]]]]] = {}
     for name, cfgs in configs.items():
         for cfg in cfgs:
             echo(f"== variant {name}, seed {cfg.seed}")
             res = Run(cfg, resume=True, stage_store=store / "stages", progress=progress, echo=echo).execute()
+            for st in cfg.stages[-2:]:
+                preds = [json.loads(line) for line in
+                         (Path(cfg.output_dir) / "eval" / f"{st}.jsonl").read_text().splitlines()]
+                sampled = (res[st].get("reward_sampled") or {}).get("per_record")
+                by_stage.setdefault(name, {}).setdefault(st, {})[cfg.seed] = per_record(preds, cfg.rewards, sampled)
             last = cfg.stages[-1]
-            preds = [json.loads(line) for line in (Path(cfg.output_dir) / "eval" / f"{last}.jsonl").read_text().splitlines()]
-            sampled = (res[last].get("reward_sampled") or {}).get("per_record")
-            scores.setdefault(name, {})[cfg.seed] = per_record(preds, cfg.rewards, sampled)
+            scores.setdefault(name, {})[cfg.seed] = by_stage[name][last][cfg.seed]
             metrics.setdefault(name, {})[cfg.seed] = res[last]
     from ..data.labels import DISEASES
 
@@ -162,6 +171,14 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
                   "|---|---|---|"]
         for d, e in man["evidence"].items():
             lines.append(f"| {d} | {', '.join(e.get('modalities', []))} | {'yes' if e.get('joint') else 'no'} |")
+    stage_md = _stage_comparison(by_stage, bootstrap)
+    if stage_md:
+        lines += ["", "## What the last stage added", "",
+                  "Per variant, its last stage against the one before it, on the same test records and seeds "
+                  f"(tables: [stages.md](stages.md)).", ""]
+        for name, sentences in stage_md[1].items():
+            lines += [f"- `{name}`: " + " ".join(sentences)]
+        _atomic_write(out / "stages.md", stage_md[0])
     lines += ["", f"Tables: [{md_path.name}]({md_path.name}), [{csv_path.name}]({csv_path.name}).", ""]
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
@@ -169,3 +186,32 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     write_json(out / "ablation.json", {"summary": summary.to_dict(), "metrics": metrics})
     state.wait_for_everyone()
     return {"summary": summary, "csv": csv_path, "md": md_path}
+
+
+def _stage_comparison(by_stage: dict[str, dict[str, dict[int, dict[str, dict[str, float | None]]]]],
+                      bootstrap: bool) -> tuple[str, dict[str, list[str]]] | None:
+    """``stages.md`` (last stage vs the one before it, per variant) and the report's sentences; None when
+    no variant ran two stages."""
+    from ..stats import ablation_markdown, noise_sentences, summarize_ablation
+
+    md, sentences = [], {}
+    for name, stages in by_stage.items():
+        if len(stages) < 2:
+            continue
+        present = {m for sc in next(iter(stages.values())).values() for m in sc}
+        mets = [m for m in ("f1", "reward", "reward_sampled") if m in present]
+        summ = summarize_ablation(stages, metrics=mets, primary="f1", bootstrap=bootstrap)
+        md.append(ablation_markdown(summ, title=f"Stages of `{name}`"))
+        # the first sentence explains the test (the same for every variant): keep it once
+        sentences[name] = noise_sentences(summ, metrics=mets)[0 if not md[1:] else 1:]
+        prev, last = summ.variants
+        seeds = summ.seeds[last]
+        if len(seeds) > 1 and summ.seeds[prev] == seeds:  # a change that is not there on every seed is noted as such
+            per = "; ".join(
+                f"{m} " + ", ".join("n/a" if a is None or b is None else f"{b - a:+.4f}"
+                                    for a, b in zip(summ.stats[prev][m].per_seed, summ.stats[last][m].per_seed))
+                for m in mets)
+            sentences[name].append(f"Per seed ({', '.join(map(str, seeds))}), `{last}` minus `{prev}`: {per}.")
+    if not md:
+        return None
+    return "\n".join(md), sentences
