@@ -301,7 +301,7 @@ def test_bad_plugin_names_are_one_line_errors(tmp_path, tiny_config):
     fusion, modality, split = medtvt_all(
         ("run", "--config", tiny_config, "--fusion", "nope", "--out", out),
         ("run", "--config", tiny_config, "--modalities", "ecg,xray", "--out", out),
-        # two cohorts have no common test split (data.rft_holdout only partitions training: allowed)
+        # the variants' data settings differ (another synthetic cohort): no common test split
         ("ablate", "--config", tiny_config, "--grid", "data.synth.seed=0,1", "--out", tmp_path / "abl"))
     one_line_error(fusion, "'nope'", "mpl", "cao")  # names the choices
     one_line_error(modality, "xray")
@@ -374,6 +374,11 @@ def test_ablate_reuses_the_shared_pt_stage(tmp_path, tiny_config):
     assert model_dir_of_run(out / "fusion-cao", "pt").parent.parent == (out / "stages").resolve()
     report = (out / "report.md").read_text()
     assert "Table 3" in report and "## What the last stage added" in report
+    for f in ("mpl", "cao"):  # without the bootstrap, each variant's line still gives SFT minus PT
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"- `fusion-{f}`: "))
+        m = json.loads((out / f"fusion-{f}" / "metrics.json").read_text())["stages"]
+        want = m["sft"]["ce"]["f1"] - m["pt"]["ce"]["f1"]
+        assert f"`sft` minus `pt`" in line and f"f1 {want:+.4f}" in line, line
     # stages.md: per variant, the last stage (SFT) against the one before it (PT), each row the
     # stage's own F1 as its metrics.json has it
     stages_md = (out / "stages.md").read_text()

@@ -109,9 +109,10 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         run_seeds = list(seeds) if seeds else [base.seed]
         configs[name] = [resolve(kw, extra + data_sets + [f"seed={s}"],
                                  str(out / name / f"seed-{s}") if seeds else str(out / name)) for s in run_seeds]
-    # Fields that only choose or partition the training data leave the test split alone, so a grid may vary
-    # them (data.rft_holdout=0.3,0.5); any other data field could change which records are tested or how.
-    train_only = {"rft_holdout", "pt_files", "train_file"}
+    # rft_holdout only splits the training records between SFT and RFT, so the test records stay the same
+    # and a grid may vary it (data.rft_holdout=0.3,0.5); any other data field could change them or how
+    # they are read (train_file/pt_files also change statistics fitted on training data and applied to test).
+    train_only = {"rft_holdout"}
     tests = {name: {json.dumps(c.data.model_dump(mode="json", exclude=train_only), sort_keys=True) for c in cs}
              for name, cs in configs.items()}
     if len({t for ts in tests.values() for t in ts}) > 1:
@@ -179,6 +180,8 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         for name, sentences in stage_md[1].items():
             lines += [f"- `{name}`: " + " ".join(sentences)]
         _atomic_write(out / "stages.md", stage_md[0])
+    else:
+        (out / "stages.md").unlink(missing_ok=True)  # never leave an earlier run's table behind
     lines += ["", f"Tables: [{md_path.name}]({md_path.name}), [{csv_path.name}]({csv_path.name}).", ""]
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
@@ -202,9 +205,14 @@ def _stage_comparison(by_stage: dict[str, dict[str, dict[int, dict[str, dict[str
         mets = [m for m in ("f1", "reward", "reward_sampled") if m in present]
         summ = summarize_ablation(stages, metrics=mets, primary="f1", bootstrap=bootstrap)
         md.append(ablation_markdown(summ, title=f"Stages of `{name}`"))
-        # the first sentence explains the test (the same for every variant): keep it once
-        sentences[name] = noise_sentences(summ, metrics=mets)[0 if not md[1:] else 1:]
         prev, last = summ.variants
+        if bootstrap:
+            # the first sentence explains the test (the same for every variant): keep it once
+            sentences[name] = noise_sentences(summ, metrics=mets)[0 if not md[1:] else 1:]
+        else:  # no test, but the difference itself is still worth a line
+            diffs = ", ".join(f"{m} {summ.stats[last][m].diff:+.4f}" for m in mets
+                              if summ.stats[last][m].diff is not None)
+            sentences[name] = [f"`{last}` minus `{prev}` (mean over seeds, no bootstrap): {diffs or 'n/a'}."]
         seeds = summ.seeds[last]
         if len(seeds) > 1 and summ.seeds[prev] == seeds:  # a change that is not there on every seed is noted as such
             per = "; ".join(
