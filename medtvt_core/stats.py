@@ -495,7 +495,8 @@ def ablation_markdown(summary: AblationSummary, axes: Mapping[str, Mapping[str, 
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temp file in the same directory, fsync, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -526,8 +527,8 @@ def write_ablation(out_dir: str | os.PathLike[str], summary: AblationSummary,
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
-    _atomic_write(csv_path, buf.getvalue())
-    _atomic_write(md_path, ablation_markdown(summary, axes, title))
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(md_path, ablation_markdown(summary, axes, title))
     return csv_path, md_path
 
 

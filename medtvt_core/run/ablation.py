@@ -82,7 +82,7 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     from accelerate import PartialState
 
     from ..data.synth import ensure_synthetic
-    from ..stats import _atomic_write, noise_sentences, summarize_ablation, write_ablation
+    from ..stats import atomic_write_text, noise_sentences, summarize_ablation, write_ablation
     from .orchestrator import Run, write_json
 
     state = PartialState()  # several processes (accelerate launch / torchrun): the main one writes
@@ -179,13 +179,11 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
                   f"(tables: [stages.md](stages.md)).", ""]
         for name, sentences in stage_md[1].items():
             lines += [f"- `{name}`: " + " ".join(sentences)]
-        _atomic_write(out / "stages.md", stage_md[0])
+        atomic_write_text(out / "stages.md", stage_md[0])
     else:
         (out / "stages.md").unlink(missing_ok=True)  # never leave an earlier run's table behind
     lines += ["", f"Tables: [{md_path.name}]({md_path.name}), [{csv_path.name}]({csv_path.name}).", ""]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out / "report.md")
+    atomic_write_text(out / "report.md", "\n".join(lines))
     write_json(out / "ablation.json", {"summary": summary.to_dict(), "metrics": metrics})
     state.wait_for_everyone()
     return {"summary": summary, "csv": csv_path, "md": md_path}
