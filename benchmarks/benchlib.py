@@ -81,7 +81,7 @@ def run_config(preset: str = "paper", sets: Sequence[str] = ()) -> Any:
 def build_model(cfg: Any, device: str | torch.device, *, catalog: Any = None, corpus: Sequence[str] = CORPUS,
                 readers: Any = None) -> tuple[Any, Any]:
     """``(MedTVTForConditionalGeneration, MedTVTProcessor)`` of ``cfg`` on ``device`` (random weights)."""
-    from medtvt_core.build import new_model
+    from medtvt_core.model.factory import new_model
 
     torch.manual_seed(cfg.seed)
     model, processor = new_model(cfg, catalog if catalog is not None else plugin_catalog(),

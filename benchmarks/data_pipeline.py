@@ -76,7 +76,7 @@ def pipeline_rate(ds: Any, batch_size: int, workers: int) -> float:
 
 def epoch_times(model: Any, processor: Any, ds: Any, args: argparse.Namespace) -> list[float]:
     from medtvt_core.model.stages import configure_trainable
-    from medtvt_core.run.orchestrator import SupervisedCollator
+    from medtvt_core.training.supervised import SupervisedCollator
 
     configure_trainable(model, args.stage)
     model.train()
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from medtvt_core.data import FeatureCache, build_modalities, encode_dataset, open_splits
+    from medtvt_core.build import build_readers
+    from medtvt_core.data import FeatureCache, encode_dataset, open_splits
     from medtvt_core.data.synth import TRAIN_FILE, synthesize
 
     tmp = tempfile.TemporaryDirectory(prefix="medtvt-bench-")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     catalog = benchlib.plugin_catalog()
 
     # ---------------------------------------------------------------- data pipeline alone
-    mods = build_modalities(["ecg", "cxr", "lab"], catalog=catalog)
+    mods = build_readers(["ecg", "cxr", "lab"], catalog=catalog)
     raw = open_splits(root, modalities=mods, train_file=TRAIN_FILE, catalog=catalog, persist_stats=False)["train"]
     costs = reader_costs(root, raw)
     print("reader cost (ms/sample, train views): " + ", ".join(f"{m} {v:.1f}" for m, v in costs.items()))
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fills: dict[str, float] = {}
     arms_c = (("warm cache, CXR random crops", {}), ("warm cache, CXR centre crops", {"train_crop": "center"}))
     for label, cxr_opts in arms_c:
-        mods_c = build_modalities(["ecg", "cxr", "lab"], {"cxr": cxr_opts}, catalog)
+        mods_c = build_readers(["ecg", "cxr", "lab"], {"cxr": cxr_opts}, catalog)
         cache = FeatureCache(Path(tmp.name) / "cache")
         ds = open_splits(root, modalities=mods_c, train_file=TRAIN_FILE, catalog=catalog, encoders=encoders,
                          cache=cache, persist_stats=False)["train"]

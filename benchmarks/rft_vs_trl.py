@@ -1,7 +1,7 @@
 """RFT step time and rollout tokens/s: medtvt's GRPO trainer vs TRL's ``GRPOTrainer``, one run, same settings.
 
 * **medtvt**: :class:`~medtvt_core.training.grpo.MedTVTGRPOTrainer` (arguments from
-  :func:`~medtvt_core.training.grpo.grpo_arguments`, as ``run_grpo`` builds them) on a MedTVT model
+  :func:`~medtvt_core.training.arguments.training_arguments`, as ``run_grpo`` builds them) on a MedTVT model
   built by ``new_model`` from the ``demo`` preset (tiny LLaMA: hidden 64, 2 layers, LoRA r = 16,
   tokenizer trained on :data:`benchlib.CORPUS`; random weights, no base pretraining), prompts and
   modality inputs from a small synthetic cohort (``medtvt_core.data.synth.synthesize``, disease-level
@@ -184,7 +184,7 @@ def instrument(trainer: Any, gen_model: Any, clock: StepClock, rollout: str, cou
 def generated_tokens(stop_ids: Sequence[int]) -> Callable[[torch.Tensor, int], int]:
     """Tokens of ``out[:, start:]`` up to and including each row's first stop token (padding after a
     stop is not counted, so an early stop shows up as a shortfall)."""
-    from medtvt_core.model.processing import completion_mask
+    from medtvt_core.model.generation import completion_mask
 
     return lambda out, start: int(completion_mask(out[:, start:], list(stop_ids)).sum())
 
@@ -197,11 +197,12 @@ def trainable(model: Any) -> int:
 def run_medtvt(base: Any, processor: Any, data: benchlib.ItemSet, rft: Any, a: Any, out_dir: str) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
-    from medtvt_core.training.grpo import MedTVTGRPOTrainer, grpo_arguments
+    from medtvt_core.training.arguments import training_arguments
+    from medtvt_core.training.grpo import MedTVTGRPOTrainer
 
     model = copy.deepcopy(base)
     clock = StepClock(a.device)
-    args = grpo_arguments(rft, out_dir, seed=0, device=a.device, progress=False)
+    args = training_arguments(rft, out_dir, seed=0, device=a.device, progress=False)
     tr = MedTVTGRPOTrainer(model, args, rft=rft, processor=processor, train_dataset=data,
                            reward_funcs=[low_token_reward(len(processor.tokenizer))], reward_names=["low_tokens"],
                            callbacks=[clock.callback()])
@@ -219,12 +220,12 @@ def run_trl(base_llm: Any, processor: Any, prompts: list[str], rft: Any, a: Any,
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from medtvt_core.training.grpo import grpo_arguments
+    from medtvt_core.training.arguments import training_arguments
 
     model = copy.deepcopy(base_llm)
     clock = StepClock(a.device)
     use_cpu = a.device == "cpu"
-    ours = grpo_arguments(rft, out_dir, seed=0, device=a.device, progress=False)  # what ours runs with
+    ours = training_arguments(rft, out_dir, seed=0, device=a.device, progress=False)  # what ours runs with
     args = GRPOConfig(
         output_dir=out_dir, max_steps=rft.max_steps, per_device_train_batch_size=rft.batch_size * rft.num_generations,
         gradient_accumulation_steps=1, num_generations=rft.num_generations, learning_rate=rft.lr,

@@ -151,7 +151,7 @@ class _GenerateTimer:
 
     def __enter__(self) -> "_GenerateTimer":
         def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
-            from medtvt_core.model.processing import completion_mask
+            from medtvt_core.model.generation import completion_mask
 
             benchlib.synchronize(self.device)
             t0 = time.perf_counter()

@@ -54,7 +54,10 @@ def config_options(f: Any) -> Any:
     return wrapper
 
 
-def resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, *, default_preset=None):
+def resolve_from_cli(*, preset=None, config_file=None, fusion=None, modalities=None, rewards=None, stages=None,
+                     output_dir=None, sets=(), default_preset=None, validate: bool = True):
+    """The run configuration of the command line; ``validate``: check its plugins here (commands that
+    hand it to a ``Run`` pass False: the run validates it, once, before any work)."""
     from medtvt_core.build import validate_run
     from medtvt_core.config import resolve_config
 
@@ -62,5 +65,6 @@ def resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, o
         preset = default_preset
     cfg = resolve_config(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities,
                          rewards=rewards, stages=stages, output_dir=output_dir, sets=list(sets))
-    validate_run(cfg)
+    if validate:
+        validate_run(cfg)
     return cfg

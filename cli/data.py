@@ -7,6 +7,7 @@ from typing import Any
 import click
 import yaml
 
+from medtvt_core.data.synth.options import SynthConfig
 from medtvt_core.errors import ConfigError
 
 from .common import _Group
@@ -17,8 +18,17 @@ def data_group() -> None:
     """Synthesise or validate datasets (MedTVT-QA + MIMIC formats)."""
 
 
+def _limit(field: str, kind: str) -> float | None:
+    """A bound (``ge``, ``gt``, ``le``, ``lt``) of a :class:`SynthConfig` field: the option's range."""
+    return next((getattr(m, kind) for m in SynthConfig.model_fields[field].metadata if hasattr(m, kind)), None)
+
+
+def _default(field: str) -> object:
+    return SynthConfig.model_fields[field].default
+
+
 def _joint_diseases(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    from medtvt_core.data.synth import parse_joint_diseases
+    from medtvt_core.data.synth.options import parse_joint_diseases
     from medtvt_core.errors import DataError
 
     try:
@@ -29,22 +39,26 @@ def _joint_diseases(ctx: click.Context, param: click.Parameter, value: str) -> t
 
 @data_group.command("synth")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write the cohort into.")
-@click.option("--n-patients", default=240, show_default=True, type=click.IntRange(min=4), help="Patients (one stay each).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed: same seed, same files.")
-@click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+# Defaults and ranges are SynthConfig's (the one owner of the cohort's options).
+@click.option("--n-patients", default=_default("n_patients"), show_default=True,
+              type=click.IntRange(min=_limit("n_patients", "ge")), help="Patients (one stay each).")
+@click.option("--seed", default=_default("seed"), show_default=True, type=int, help="Seed: same seed, same files.")
+@click.option("--test-fraction", default=_default("test_fraction"), show_default=True,
+              type=click.FloatRange(_limit("test_fraction", "gt"), _limit("test_fraction", "lt"), min_open=True,
+                                    max_open=True),
               help="Fraction of patients in the test split (patient-disjoint).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic cohort in --out.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Writer processes (0: by CPU count); the files do not depend on it.")
-# Default and bounds as medtvt_core.data.synth (DEFAULT_DECOY_RATE, MAX_EVIDENCE; checked by a test), not imported
-# here so that --help stays light.
-@click.option("--evidence", default=1.0, show_default=True, type=click.FloatRange(0, 2.0, min_open=True),
+@click.option("--evidence", default=_default("evidence"), show_default=True,
+              type=click.FloatRange(_limit("evidence", "gt"), _limit("evidence", "le"), min_open=True),
               help="Strength of every disease sign (multiplies its deviation from normal; 1 = the default cohort).")
 @click.option("--joint-diseases", "joint_diseases", default="none", show_default=True, callback=_joint_diseases,
               metavar="none|all|LIST",
               help="Diseases needing two modalities together: all (Hypertension, Pneumonia, Sepsis), none, or a "
                    "comma list of those; each of their signs then also appears alone in patients without them.")
-@click.option("--decoy-rate", default=0.3, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
+@click.option("--decoy-rate", default=_default("decoy_rate"), show_default=True,
+              type=click.FloatRange(_limit("decoy_rate", "gt"), _limit("decoy_rate", "le"), min_open=True),
               help="For each joint disease and each of its two signs: share of eligible patients without the "
                    "disease that show that sign alone, with another cause in its report.")
 def synth_cmd(out: str, n_patients: int, seed: int, test_fraction: float, overwrite: bool, workers: int,

@@ -89,8 +89,9 @@ def config_show(preset, config_file, fusion, modalities, rewards, stages, output
     """Print the resolved configuration (preset < file < flags < --set)."""
     from medtvt_core.config import dump_config
 
-    cfg = resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, default_preset="demo")
-    click.echo(cfg.model_dump_json(indent=2) if as_json else dump_config(cfg), nl=not as_json or True)
+    cfg = resolve_from_cli(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities, rewards=rewards,
+                           stages=stages, output_dir=output_dir, sets=sets, default_preset="demo")
+    click.echo(cfg.model_dump_json(indent=2) if as_json else dump_config(cfg), )
 
 
 @config.command("presets")

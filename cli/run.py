@@ -26,8 +26,8 @@ def _logging(verbose: bool) -> None:
 
 def _resolver(preset: str | None, config_file: str | None):
     def resolve(flags: dict[str, Any], sets: list[str], output_dir: str) -> Any:
-        return resolve_from_cli(preset, config_file, flags.get("fusion"), flags.get("modalities"), flags.get("rewards"),
-                                flags.get("stages"), output_dir, sets, default_preset="demo")
+        return resolve_from_cli(preset=preset, config_file=config_file, **flags, output_dir=output_dir, sets=sets,
+                                default_preset="demo", validate=False)
 
     return resolve
 
@@ -68,15 +68,17 @@ def run_cmd(preset, config_file, fusion, modalities, rewards, stages, output_dir
         from medtvt_core.stats import parse_seeds
 
         seed_list = parse_seeds(seeds)
-        cfg = resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets,
-                               default_preset="demo")
+        cfg = resolve_from_cli(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities,
+                               rewards=rewards, stages=stages, output_dir=output_dir, sets=sets, default_preset="demo",
+                               validate=False)
         res = run_grid(_resolver(preset, config_file), [], seed_list, Path(cfg.output_dir), sets=list(sets),
                        flags=dict(fusion=fusion, modalities=modalities, rewards=rewards, stages=stages),
                        progress=not quiet, echo=click.echo)
         click.echo(f"wrote {res['md']} and {res['csv']}")
         return
-    cfg = resolve_from_cli(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, default_preset="demo")
-    Run(cfg, resume=resume, progress=not quiet, echo=click.echo).execute()
+    cfg = resolve_from_cli(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities, rewards=rewards,
+                           stages=stages, output_dir=output_dir, sets=sets, default_preset="demo", validate=False)
+    Run(cfg, resume=resume, progress=not quiet, echo=click.echo).execute()  # validates cfg before any work
 
 
 @click.command("ablate")

@@ -6,24 +6,30 @@ validated (once, with the plugin's own pydantic model) and the objects built.
 * :func:`build_readers`, :func:`build_encoder`, :func:`build_fusion`, :func:`build_backbone`: the
   parts of a model (used by the model's constructor and the processor's loader).
 * :func:`validate_run` checks a :class:`~medtvt_core.config.RunConfig` before anything runs.
-* :func:`new_model` makes a fresh model and its processor from a run configuration (tokenizer,
-  placeholders, the LLM's vocabulary, the base's one-time preparation), checking that every
-  reader's sample shape is what its encoder consumes.
+* :func:`check_weight_reference`: a saved model's referenced weight file is there, unchanged.
+
+The model (:mod:`medtvt_core.model`) builds its parts with these, and
+:func:`medtvt_core.model.factory.new_model` a fresh model for a run; this module imports nothing
+of the model, so the arrows point one way (model -> build -> plugin registry).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ValidationError
 
+from .checkpoints import sha256_file
+from .config import format_validation_error
 from .errors import CheckpointError, ConfigError
+from .plugins import get_catalog
 
 __all__ = ["plugin_class", "validated_options", "build_readers", "build_encoder", "build_fusion",
-           "build_backbone", "validate_run", "new_model", "required_weights", "FUSION_SEED_OFFSET"]
+           "build_backbone", "validate_run", "required_weights", "check_weight_reference", "FUSION_SEED_OFFSET"]
 
 #: The fusion layer is initialised from ``seed + FUSION_SEED_OFFSET`` whenever it is built, so a
 #: variant's SFT starts from the same fusion weights whether its PT stage was trained here or
@@ -32,11 +38,7 @@ FUSION_SEED_OFFSET = 7919
 
 
 def _catalog(catalog: Any) -> Any:
-    if catalog is None:
-        from .plugins import get_catalog
-
-        catalog = get_catalog()
-    return catalog
+    return get_catalog() if catalog is None else catalog
 
 
 def plugin_class(kind: str, name: str, catalog: Any = None) -> tuple[Any, type[BaseModel] | None]:
@@ -64,8 +66,6 @@ def validated_options(kind: str, name: str, options: Mapping[str, Any] | None, w
     except ValidationError as err:
         if fill:  # the plugin refuses the default (e.g. a one-token lab encoder): the user's options alone
             return validated_options(kind, name, options, where, catalog)
-        from .config import format_validation_error
-
         raise ConfigError(format_validation_error(err, f"{where}.options ({name})")) from None
     return obj, cfg.model_dump()
 
@@ -86,14 +86,19 @@ def build_readers(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]
     return out
 
 
+def _check_reads(cls: Any, name: str, modality: str) -> None:
+    """The encoder class ``cls`` (registry name ``name``) reads ``modality`` (its ``modality`` attribute)."""
+    reads = getattr(cls, "modality", modality)
+    if reads != modality:
+        raise ConfigError(f"encoders.{modality}: encoder {name!r} reads modality {reads!r}, not {modality!r}")
+
+
 def build_encoder(modality: str, ref: Mapping[str, Any], tokens_per_modality: int, catalog: Any = None) -> Any:
     """The encoder of ``modality`` (``{"name", "options"}``), backbone frozen."""
     where = f"encoders.{modality}"
     cls, opts = validated_options("encoders", ref["name"], ref.get("options"), where, catalog,
                                   defaults={"num_tokens": tokens_per_modality})
-    reads = getattr(cls, "modality", modality)
-    if reads != modality:
-        raise ConfigError(f"{where}: encoder {ref['name']!r} reads modality {reads!r}, not {modality!r}")
+    _check_reads(cls, ref["name"], modality)
     enc = cls(**opts)
     if enc.num_tokens not in (1, tokens_per_modality):
         raise ConfigError(f"{where}: encoder {ref['name']!r} gives K={enc.num_tokens} tokens but "
@@ -108,8 +113,6 @@ def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: in
     """The fusion layer, initialised from ``seed + FUSION_SEED_OFFSET`` (``None``: the global RNG).
 
     ``modality_names`` reach plugins whose constructor takes them (e.g. named CMHA rotations)."""
-    import inspect
-
     cls, opts = validated_options("fusion", ref["name"], ref.get("options"), "fusion", catalog)
     if modality_names is not None:
         if len(modality_names) != num_modalities:
@@ -138,9 +141,7 @@ def validate_run(cfg: Any, catalog: Any = None) -> None:
     for m in cfg.modalities:
         ref = cfg.encoders[m]
         cls, _ = validated_options("encoders", ref.name, ref.options, f"encoders.{m}", catalog)
-        reads = getattr(cls, "modality", m)
-        if reads != m:
-            raise ConfigError(f"encoders.{m}: encoder {ref.name!r} reads modality {reads!r}, not {m!r}")
+        _check_reads(cls, ref.name, m)
     validated_options("fusion", cfg.fusion.name, cfg.fusion.options, "fusion", catalog)
     validated_options("llms", cfg.llm.name, cfg.llm.options, "llm", catalog)
     for r in cfg.rewards:
@@ -169,54 +170,8 @@ def required_weights(cfg: Any, catalog: Any = None) -> None:
         raise CheckpointError(f"weight files do not exist: {'; '.join(absent)}")
 
 
-def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[str]] | None = None,
-              default_question: str | None = None, readers: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
-    """A fresh ``(MedTVTForConditionalGeneration, MedTVTProcessor)`` for run config ``cfg``.
-
-    The LLM's tokenizer gets one special token per modality *in use* (never for other installed
-    modalities, so installing a plugin changes no model that does not use it); the LLM plugin's
-    one-time base preparation (e.g. the demo's pretraining) runs here and only here.
-    ``readers``: the run's modality readers (default: built from ``cfg``).
-    """
-    from .model.configuration import MedTVTConfig
-    from .model.modeling import MedTVTForConditionalGeneration
-    from .model.processing import MedTVTProcessor
-
-    catalog = _catalog(catalog)
-    readers = dict(readers) if readers is not None else build_readers(cfg.modalities, cfg.modality_options_in_use, catalog)
-    backbone = build_backbone(cfg.llm.model_dump(), catalog)
-    tok = backbone.load_tokenizer(corpus)
-    placeholders = {m: readers[m].placeholder for m in cfg.modalities}
-    clash = [p for p in placeholders.values() if p in tok.get_vocab()]
-    if clash:
-        raise ConfigError(f"placeholder(s) {', '.join(clash)} are already tokens of the LLM's tokenizer; "
-                          f"a modality placeholder must be a new token")
-    tok.add_special_tokens({"extra_special_tokens": list(placeholders.values())}, replace_extra_special_tokens=False)
-    text_config = backbone.text_config(tok)
-    config = MedTVTConfig(
-        modalities=list(cfg.modalities), encoders={m: cfg.encoders[m] for m in cfg.modalities},
-        projector=cfg.projector, fusion=cfg.fusion, llm=cfg.llm, text_config=text_config,
-        placeholders=placeholders,
-        placeholder_token_ids={m: int(tok.convert_tokens_to_ids(p)) for m, p in placeholders.items()})
-    model = MedTVTForConditionalGeneration(config, catalog=catalog, seed=cfg.seed)
-    for m, r in readers.items():
-        want = tuple(model.encoders[m].input_shape)
-        if tuple(r.sample_shape) != want:
-            raise ConfigError(f"modality {m}: reader {type(r).__name__} gives samples of shape {tuple(r.sample_shape)} "
-                              f"but encoder {cfg.encoders[m].name!r} consumes {want}; align the reader options "
-                              f"(data.modality_options.{m}) with the encoder")
-    model.backbone.prepare_base(model.llm, tok, corpus)
-    processor = MedTVTProcessor(tok, placeholders, config.tokens_per_modality, readers=readers,
-                                prompt_format=cfg.prompt.format, answer_end_token=cfg.prompt.answer_end_token,
-                                chat_template_kwargs=cfg.prompt.chat_template_kwargs,
-                                default_question=default_question, max_new_tokens=cfg.eval.max_new_tokens)
-    return model, processor
-
-
 def check_weight_reference(ref: Mapping[str, Any], where: str) -> None:
     """A referenced weight file exists and has the recorded SHA-256; else one :class:`CheckpointError`."""
-    from .checkpoints import sha256_file
-
     p = Path(ref["path"])
     if not p.is_file():
         raise CheckpointError(f"{where}: {ref['component']} weights {p} are missing (the model references the file "

@@ -17,7 +17,6 @@ import logging
 import os
 import pathlib
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -251,16 +251,8 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike[
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[k] = t
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return p
 
 

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .data.synth.options import SynthConfig
+from .io import atomic_write_text
 
 STAGES = ("pt", "sft", "rft")
 
@@ -30,36 +32,6 @@ class PluginRef(_Strict):
 
     name: str = Field(description="registry name of the plugin")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the plugin")
-
-
-class SynthConfig(_Strict):
-    n_patients: int = Field(400, ge=8, description="patients in the synthetic cohort")
-    seed: int = Field(0, description="seed of the synthetic cohort")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of patients in the test split")
-    evidence: float = Field(1.0, gt=0, le=2.0, description="strength multiplier of every disease sign (1: the default cohort)")
-    joint_diseases: list[str] = Field(
-        default_factory=list, description="diseases whose evidence needs two modalities together (each sign alone "
-                                          "also occurs, with another cause): names among Hypertension, Pneumonia, "
-                                          "Sepsis, or ['all']; [] = none")
-    decoy_rate: float = Field(0.3, gt=0, le=0.5, description="share of patients without a joint disease who show one "
-                                                             "of its signs alone")
-
-    @field_validator("joint_diseases")
-    @classmethod
-    def _joint(cls, v: list[str]) -> list[str]:
-        from .data.synth import parse_joint_diseases
-        from .errors import DataError
-
-        try:
-            return list(parse_joint_diseases(v))
-        except DataError as exc:
-            raise ValueError(str(exc)) from None
-
-    def generator_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`medtvt_core.data.synth.ensure_synthetic`."""
-        d = self.model_dump()
-        d["joint_diseases"] = tuple(d["joint_diseases"])
-        return d
 
 
 class DataConfig(_Strict):
@@ -426,7 +398,4 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def write_config(cfg: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, dump_config(cfg))

@@ -43,7 +43,6 @@ import itertools
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .io import atomic_write_text
 
 MIN_RECORDS = 20
 MAX_SEED = 2**32 - 1  # the range numpy.random.seed accepts (torch.manual_seed accepts more)
@@ -493,21 +493,6 @@ def ablation_markdown(summary: AblationSummary, axes: Mapping[str, Mapping[str, 
     if summary.notes:
         lines += [""] + [f"Note: {n}." for n in summary.notes]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temp file in the same directory, fsync, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_ablation(out_dir: str | os.PathLike[str], summary: AblationSummary,

@@ -13,7 +13,8 @@ import wfdb
 from torch import nn
 
 from medtvt_core.contracts import Encoder, PluginConfig
-from medtvt_core.data import FeatureCache, build_modalities, encode_dataset, open_splits
+from medtvt_core.build import build_readers
+from medtvt_core.data import FeatureCache, encode_dataset, open_splits
 from medtvt_core.data.synth import PT_FILES, TEST_FILE, TRAIN_FILE, synthesize
 from medtvt_core.plugins import build_catalog
 from medtvt_plugins.readers import cxr as cxr_reader, ecg as ecg_reader, lab as lab_reader
@@ -66,7 +67,7 @@ def catalog():
 
 
 def make(root, cache_dir, catalog, *, encoders=None, options=None, names=("ecg", "cxr", "lab")):
-    mods = build_modalities(list(names), options, catalog)
+    mods = build_readers(list(names), options, catalog)
     encoders = encoders or {m: Tiny(m, SHAPES[m]) for m in names}
     cache = FeatureCache(cache_dir)
     sp = open_splits(root, modalities=mods, pt_files=PT_FILES, train_file=TRAIN_FILE, test_file=TEST_FILE,
@@ -186,7 +187,7 @@ def test_failed_inputs_are_dropped_when_skipping(cohort, tmp_path, catalog):
 
     root = tmp_path / "d"
     shutil.copytree(cohort, root)
-    mods = build_modalities(["ecg"], None, catalog)
+    mods = build_readers(["ecg"], None, catalog)
     enc = {"ecg": Tiny("ecg", SHAPES["ecg"])}
     sp = open_splits(root, modalities=mods, test_file=TEST_FILE, catalog=catalog, encoders=enc,
                      cache=FeatureCache(tmp_path / "c"), on_bad_sample="skip")

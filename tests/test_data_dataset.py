@@ -16,7 +16,8 @@ from pydantic import Field
 
 from medtvt_core import hookimpl
 from medtvt_core.contracts import Modality, PluginConfig
-from medtvt_core.data import build_modalities, open_splits, read_manifest
+from medtvt_core.build import build_readers
+from medtvt_core.data import open_splits, read_manifest
 from medtvt_core.data.synth import PT_FILES, TEST_FILE, TRAIN_FILE, synthesize
 from medtvt_core.errors import ConfigError, DataError
 from medtvt_core.plugins import build_catalog
@@ -36,7 +37,7 @@ def catalog():
 
 
 def splits(root: Path, names=("ecg", "cxr", "lab"), catalog=None, **kw: Any):
-    mods = build_modalities(list(names), catalog=catalog)
+    mods = build_readers(list(names), catalog=catalog)
     return open_splits(root, modalities=mods, pt_files=PT_FILES, train_file=TRAIN_FILE, test_file=TEST_FILE,
                        catalog=catalog, **kw)
 
@@ -135,11 +136,11 @@ def test_on_bad_sample_fail_raises_one_line(broken, catalog):
 
 def test_bad_modality_options_are_config_errors(catalog):
     with pytest.raises(ConfigError, match=r"data.modality_options.ecg.options \(ecg\): nan_policy"):
-        build_modalities(["ecg"], {"ecg": {"nan_policy": "ignore"}}, catalog)
+        build_readers(["ecg"], {"ecg": {"nan_policy": "ignore"}}, catalog)
     with pytest.raises(ConfigError, match="options for cxr but the modalities in use are ecg"):
-        build_modalities(["ecg"], {"cxr": {}}, catalog)
+        build_readers(["ecg"], {"cxr": {}}, catalog)
     with pytest.raises(Exception, match="unknown modalities plugin 'eeg'"):
-        build_modalities(["eeg"], catalog=catalog)
+        build_readers(["eeg"], catalog=catalog)
 
 
 # ---------------------------------------------------------------- a modality from a plugin
@@ -181,7 +182,7 @@ def test_plugin_modality_needs_no_loader_change(cohort, tmp_path):
     recs[0]["PPG"] = ["p1.npy"]
     recs[0]["messages"][0]["content"] += " Pulse wave: <ppg>"
     (root / TEST_FILE).write_text(json.dumps(recs))
-    mods = build_modalities(["ecg", "ppg"], catalog=cat)
+    mods = build_readers(["ecg", "ppg"], catalog=cat)
     ds = open_splits(root, modalities=mods, test_file=TEST_FILE, catalog=cat)["test"]
     batch = ds.collator()([ds[0], ds[1]])
     assert batch["modality_names"] == ["ecg", "ppg"]
@@ -189,6 +190,6 @@ def test_plugin_modality_needs_no_loader_change(cohort, tmp_path):
     assert batch["modality_inputs"]["ppg"].shape == (1, 1, 64)
     assert "(cxr not available)" in batch["prompts"][0] and "<ppg>" in batch["prompts"][0]
     # Without the plugin, the unknown field and placeholder are plain data, never an error.
-    plain = open_splits(root, modalities=build_modalities(["ecg"], catalog=cat), test_file=TEST_FILE,
+    plain = open_splits(root, modalities=build_readers(["ecg"], catalog=cat), test_file=TEST_FILE,
                         known={"ecg": ecg_reader.EcgModality})["test"]
     assert "<ppg>" in plain[0]["prompt"]

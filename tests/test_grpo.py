@@ -13,8 +13,8 @@ import torch
 from medtvt_core.config import RFTConfig
 from medtvt_core.errors import PluginContractError
 from medtvt_core.errors import ConfigError
+from medtvt_core.model.generation import completion_mask
 from medtvt_core.training.grpo import (
-    completion_mask_after_eos,
     compute_rewards,
     frozen_reference,
     group_advantages,
@@ -112,8 +112,8 @@ def test_rewards_none_to_nan_weighted_nansum():
 
 def test_completion_mask_keeps_first_eos_only():
     ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 5, 5, 5]])
-    assert completion_mask_after_eos(ids, 1).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert completion_mask_after_eos(ids, [7, 1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+    assert completion_mask(ids, 1).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert completion_mask(ids, [7, 1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
 
 def test_padding_tokens_do_not_count():
@@ -182,10 +182,11 @@ def _rft(**kw):
 
 
 def _trainer(model, proc, ds, out, rewards, **kw):
-    from medtvt_core.training.grpo import MedTVTGRPOTrainer, grpo_arguments
+    from medtvt_core.training.arguments import training_arguments
+    from medtvt_core.training.grpo import MedTVTGRPOTrainer
 
     cfg = _rft(**kw)
-    args = grpo_arguments(cfg, out, seed=7, device="cpu", progress=False)
+    args = training_arguments(cfg, out, seed=7, device="cpu", progress=False)
     return MedTVTGRPOTrainer(model, args, rft=cfg, processor=proc, train_dataset=ds, reward_funcs=rewards,
                              reward_names=[f.__name__ for f in rewards])
 

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 from pydantic import ValidationError
 
-from medtvt_core.model.processing import (FIXED_CHAT_DATE, IGNORE_INDEX, MedTVTProcessor, completion_mask,
+from medtvt_core.model.generation import completion_mask
+from medtvt_core.model.processing import (FIXED_CHAT_DATE, IGNORE_INDEX, MedTVTProcessor,
                                           subset_modalities)
 from medtvt_plugins.llms.llama_lora import (
     REASONING_TAGS, LlamaLoraBackbone, LlamaLoraConfig, extra_parameter_names, llama_config,

@@ -1,18 +1,36 @@
-"""Data layer: MedTVT-QA schema, modality datasets and collator, feature cache, synthetic cohort, checks."""
+"""Data layer: MedTVT-QA schema, modality datasets and collator, feature cache, synthetic cohort, checks.
 
-from .cache import FeatureCache, encode_dataset, encode_frozen
-from .check import CheckReport, check_dataset
-from .dataset import (Collator, QADataset, SkippedSample, all_finite, build_modalities, open_splits,
-                      registered_modalities)
-from .labels import DISEASES, ICD10_PREFIXES, format_answer, icd10_category, parse_answer, unknown_labels
-from .manifest import MANIFEST_NAME, prepare_stats, read_manifest, write_manifest
-from .schema import QARecord, RecordProblem, read_qa_file, write_qa_file
-from .synth import ensure_synthetic, synthesize
+The names below load on first use (PEP 562), so importing one light submodule (e.g.
+``medtvt_core.data.labels`` from the configuration) does not import the dataset, the cache and torch.
+"""
 
-__all__ = [
-    "CheckReport", "Collator", "DISEASES", "FeatureCache", "ICD10_PREFIXES", "MANIFEST_NAME", "QADataset", "QARecord",
-    "RecordProblem", "SkippedSample", "all_finite", "build_modalities", "check_dataset", "encode_dataset",
-    "encode_frozen", "ensure_synthetic", "format_answer", "icd10_category", "open_splits", "parse_answer",
-    "prepare_stats", "read_manifest", "read_qa_file", "registered_modalities", "synthesize", "unknown_labels",
-    "write_manifest", "write_qa_file",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it
+_HOME = {
+    "FeatureCache": "cache", "encode_dataset": "cache", "encode_frozen": "cache",
+    "CheckReport": "check", "check_dataset": "check",
+    "Collator": "dataset", "QADataset": "dataset", "SkippedSample": "dataset", "all_finite": "dataset",
+    "open_splits": "dataset", "registered_modalities": "dataset",
+    "DISEASES": "labels", "ICD10_PREFIXES": "labels", "format_answer": "labels", "icd10_category": "labels",
+    "parse_answer": "labels", "unknown_labels": "labels",
+    "MANIFEST_NAME": "manifest", "prepare_stats": "manifest", "read_manifest": "manifest", "write_manifest": "manifest",
+    "QARecord": "schema", "RecordProblem": "schema", "read_qa_file": "schema", "write_qa_file": "schema",
+    "ensure_synthetic": "synth", "synthesize": "synth",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

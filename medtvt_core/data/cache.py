@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..contracts import Encoder, Modality
 from ..errors import DataError
+from ..io import atomic_path
 
-if TYPE_CHECKING:
-    from .dataset import QADataset
 
 log = logging.getLogger("medtvt.data")
 
@@ -115,20 +112,15 @@ class FeatureCache:
         return t
 
     def store(self, modality_name: str, key: str, features: torch.Tensor, meta: Mapping[str, str] | None = None) -> Path:
-        """Write one entry atomically (temp file in the same directory, then ``os.replace``)."""
+        """Write one entry atomically (:func:`medtvt_core.io.atomic_path`)."""
         from safetensors.torch import save_file
 
         if features.ndim != 2:
             raise ValueError(f"features must be [N, C], got {tuple(features.shape)}")
         path = self.path_of(modality_name, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         metadata = {**{k: str(v) for k, v in (meta or {}).items()}, "key": key, "format": CACHE_FORMAT}
-        try:
+        with atomic_path(path, durable=False) as tmp:  # an entry lost in a crash is re-encoded
             save_file({"features": features.detach().to("cpu", self.dtype).contiguous()}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     def get_or_encode(self, encoder: Encoder, modality: Modality, ref: str, *, root: Path, train: bool = False,
@@ -174,7 +166,7 @@ def _collate_refs(items: list[tuple[int, torch.Tensor | None, str]]) -> list[tup
     return items
 
 
-def encode_dataset(dataset: "QADataset", *, batch_size: int = 32, num_workers: int = 0,
+def encode_dataset(dataset: Any, *, batch_size: int = 32, num_workers: int = 0,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, Any]]:
     """Fill the cache for every cacheable input of ``dataset``, encoding in batches.
 

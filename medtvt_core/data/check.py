@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import DataError, MedtvtError
-from .dataset import all_finite, build_modalities, registered_modalities
+from ..build import build_readers
+from .dataset import all_finite, registered_modalities
 from .labels import DISEASES, parse_answer, unknown_labels
 from .manifest import prepare_stats, read_manifest
 from .schema import QARecord, read_qa_file
@@ -69,7 +70,7 @@ def check_dataset(root: str | Path, *, modalities: Sequence[str] = ("ecg", "cxr"
     if not files:
         rep.problems.append(f"{root}: no QA files (none listed in the manifest, none under qa/)")
         return rep
-    mods = build_modalities(list(modalities), options, catalog)
+    mods = build_readers(list(modalities), options, catalog)
     known = {**registered_modalities(catalog), **{n: type(m) for n, m in mods.items()}}
     schema_mods = list(known.values())
 

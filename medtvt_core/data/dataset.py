@@ -15,6 +15,7 @@ that have the modality, in batch order (a key is absent when no sample has it), 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from ..contracts import Encoder, Modality
 from ..errors import ConfigError, DataError
+from ..plugins import get_catalog
 from .cache import FeatureCache
 from .labels import parse_answer
 from .manifest import prepare_stats
@@ -55,20 +57,8 @@ def all_finite(x: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------- modalities
 def registered_modalities(catalog: Any = None) -> dict[str, type[Modality]]:
     """Every modality class of the catalog (default: the process-wide one), by name."""
-    if catalog is None:
-        from ..plugins import get_catalog
-
-        catalog = get_catalog()
+    catalog = get_catalog() if catalog is None else catalog
     return {n: catalog.modalities.get(n) for n in catalog.modalities.list()}
-
-
-def build_modalities(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
-                     catalog: Any = None) -> dict[str, Modality]:
-    """Instantiate the modality readers ``names`` from the registry with their options
-    (:func:`medtvt_core.build.build_readers`)."""
-    from ..build import build_readers
-
-    return build_readers(names, options, catalog)
 
 
 # ---------------------------------------------------------------------- dataset
@@ -120,10 +110,7 @@ class QADataset(torch.utils.data.Dataset):
                      encoder_ids: Mapping[str, str] | None = None) -> None:
         """Serve the frozen features of ``encoders`` from ``cache`` for every modality whose load is
         deterministic in this mode (random training crops keep their raw inputs)."""
-        self.encoders = {m: e for m, e in encoders.items() if m in self.modalities}
-        for m, e in self.encoders.items():
-            if getattr(e, "modality", m) != m:
-                raise ConfigError(f"encoder {type(e).__name__} reads modality {e.modality!r}, not {m!r}")
+        self.encoders = {m: e for m, e in encoders.items() if m in self.modalities}  # checked when built (build.py)
         self.cache = cache
         # Identity hashes every backbone weight: once here (or by the caller), not once per sample.
         ids = dict(encoder_ids or {})
@@ -303,8 +290,6 @@ class Collator:
 def holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord], list[QARecord]]:
     """``(kept, held out)``: each record is held out when the hash of its id falls below ``fraction``,
     so the choice depends on the record alone (not on the file order, the seed or the other records)."""
-    import hashlib
-
     def u(r: QARecord) -> float:
         return int.from_bytes(hashlib.sha256(f"holdout:{r.id}".encode()).digest()[:8], "big") / 2**64
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel
 from ..contracts import Modality
 from ..errors import DataError
 from .schema import QARecord
+from ..io import atomic_write_text
 
 log = logging.getLogger("medtvt.data")
 
@@ -52,9 +52,7 @@ def write_manifest(root: str | Path, data: Mapping[str, Any]) -> Path:
     """Write the manifest atomically (temp file + rename)."""
     p = manifest_path(root)
     body = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **{k: v for k, v in data.items() if k not in ("format", "version")}}
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(body, indent=1, sort_keys=False))
     return p
 
 

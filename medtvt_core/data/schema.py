@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from ..errors import DataError
+from ..io import atomic_write_text
 
 
 class ModalityFields(Protocol):
@@ -225,8 +226,4 @@ def read_qa_file(path: str | Path, modalities: Sequence[ModalityFields], *, labe
 
 def write_qa_file(path: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Write records as a JSON list (UTF-8, atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(list(records), indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(p)
+    atomic_write_text(path, json.dumps(list(records), indent=1, ensure_ascii=False))

@@ -24,9 +24,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..build import build_backbone, build_encoder, build_fusion
 from ..contracts import IdentityFusion
 from ..errors import ConfigError, DataError
 from .configuration import MedTVTConfig
+from .projector import DenseProjector, FeatureStandardizer
+from .serialization import load_model, save_model
 
 __all__ = ["MedTVTPreTrainedModel", "MedTVTForConditionalGeneration", "MedTVTOutput",
            "position_ids_from_mask"]
@@ -103,9 +106,6 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
     """
 
     def __init__(self, config: MedTVTConfig, *, catalog: Any = None, seed: int | None = None):
-        from ..build import build_backbone, build_encoder, build_fusion
-        from .projector import DenseProjector, FeatureStandardizer
-
         super().__init__(config)
         missing = [m for m in config.modalities
                    if m not in config.encoders or m not in config.placeholder_token_ids]
@@ -156,8 +156,6 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
     def replace_fusion(self, fusion: Mapping[str, Any], seed: int | None, catalog: Any = None) -> None:
         """Build a new fusion layer ``{"name", "options"}`` in place of the current one (an ablation
         variant that reuses another variant's PT stage, which never ran the fusion)."""
-        from ..build import build_fusion
-
         self.fusion = build_fusion(fusion, self.hidden_size, len(self.modalities), seed, catalog,
                                    modality_names=self.modalities).to(self.device)
         self.config.fusion = {"name": fusion["name"], "options": dict(fusion.get("options") or {})}
@@ -362,8 +360,6 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         """Write ``config.json`` and ``model.safetensors`` (every weight that cannot be rebuilt from a
         file the user named; those files are referenced by path and SHA-256): see :mod:`.serialization`."""
         if is_main_process:
-            from .serialization import save_model
-
             save_model(self, save_directory, state_dict=state_dict)
 
     @classmethod
@@ -372,9 +368,7 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         """Load a saved model directory (local only): plugins from ``catalog`` (default: installed),
         referenced weight files checked, every saved tensor loaded strictly.  ``device_map``: a
         device for the whole model (``"cpu"``, ``"cuda"``); ``dtype``: a floating dtype to cast to."""
-        from .serialization import load_model
-
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments")
-        return load_model(pretrained_model_name_or_path, catalog=catalog, device=device_map,
+        return load_model(cls, pretrained_model_name_or_path, catalog=catalog, device=device_map,
                           dtype=dtype if dtype is not None else kwargs.get("torch_dtype"))

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from ..build import build_readers
 from ..errors import CheckpointError, ConfigError, DataError
+from ..io import atomic_write_text
 
 __all__ = ["MedTVTProcessor", "PLAIN_TEMPLATE", "IGNORE_INDEX", "PROCESSOR_CONFIG", "FIXED_CHAT_DATE",
-           "subset_modalities", "completion_mask", "pad_sequences"]
+           "subset_modalities", "pad_sequences"]
 
 PLAIN_TEMPLATE = "User: {q}\nAssistant: "
 IGNORE_INDEX = -100
@@ -62,15 +63,6 @@ def pad_sequences(seqs: Sequence[torch.Tensor], value: int, *, side: str) -> tup
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     out[mask] = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])  # row-major == concatenation order
     return out, mask.long()
-
-
-def completion_mask(completion_ids: torch.Tensor, stop_token_ids: int | Sequence[int]) -> torch.Tensor:
-    """``[N, T]`` long mask: 1 up to and including the first stop token of each row, 0 after it."""
-    stop = torch.as_tensor(stop_token_ids, device=completion_ids.device).reshape(-1)
-    is_stop = torch.isin(completion_ids, stop)
-    # Count of stop tokens strictly before each position: 0 means the position is still in the completion.
-    before = is_stop.long().cumsum(-1) - is_stop.long()
-    return (before == 0).long()
 
 
 class MedTVTProcessor:
@@ -233,17 +225,12 @@ class MedTVTProcessor:
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(d))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{PROCESSOR_CONFIG}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, d / PROCESSOR_CONFIG)
+        atomic_write_text(d / PROCESSOR_CONFIG, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], *, catalog: Any = None) -> "MedTVTProcessor":
         """The processor saved in ``directory``; its readers come from the installed plugins."""
         from transformers import AutoTokenizer
-
-        from ..build import build_readers
 
         d = Path(directory)
         f = d / PROCESSOR_CONFIG

@@ -25,8 +25,12 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..contracts import building_saved_model
+from ..build import check_weight_reference
+from ..checkpoints import load_state_file, save_safetensors, sha256_file
 from ..errors import CheckpointError
+from ..io import atomic_write_text
 from .configuration import FORMAT_VERSION, MedTVTConfig
+from .stages import freeze
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_model", "load_model", "load_weights", "read_model_config",
            "saved_state_keys", "is_saved_model"]
@@ -37,8 +41,6 @@ WEIGHTS_NAME = "model.safetensors"
 
 def _referenced(model: Any) -> tuple[set[str], list[dict[str, Any]]]:
     """State keys read from user-named files (not saved) and the references of those files."""
-    from ..checkpoints import sha256_file
-
     state = model.state_dict(keep_vars=True)
     keys: set[str] = set()
     files: list[tuple[str, Path]] = []
@@ -84,8 +86,6 @@ def is_saved_model(directory: str | os.PathLike[str]) -> bool:
 
 def save_model(model: Any, directory: str | os.PathLike[str], *, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each file atomically)."""
-    from ..checkpoints import save_safetensors
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     referenced, refs = _referenced(model)
@@ -95,9 +95,7 @@ def save_model(model: Any, directory: str | os.PathLike[str], *, state_dict: Map
                      metadata={"format": "pt", "medtvt_format": str(FORMAT_VERSION)})
     model.config.weight_references = refs
     model.config.medtvt_format_version = FORMAT_VERSION
-    tmp = d / f".{CONFIG_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(model.config.to_json_string())
-    os.replace(tmp, d / CONFIG_NAME)
+    atomic_write_text(d / CONFIG_NAME, model.config.to_json_string())
     return d
 
 
@@ -134,8 +132,6 @@ def read_model_config(directory: str | os.PathLike[str]) -> MedTVTConfig:
 def load_weights(model: Any, directory: str | os.PathLike[str], *, exclude: Sequence[str] = ()) -> None:
     """Load ``model.safetensors`` of ``directory`` strictly: every key the model saves present with its
     shape, none unknown.  ``exclude``: key prefixes skipped on both sides."""
-    from ..checkpoints import load_state_file
-
     d = Path(directory)
     wfile = d / WEIGHTS_NAME
     if not wfile.is_file():
@@ -150,12 +146,9 @@ def load_weights(model: Any, directory: str | os.PathLike[str], *, exclude: Sequ
     model.load_state_dict(got, strict=False)
 
 
-def load_model(directory: str | os.PathLike[str], *, catalog: Any = None, device: Any = None,
+def load_model(model_class: type, directory: str | os.PathLike[str], *, catalog: Any = None, device: Any = None,
                dtype: torch.dtype | None = None) -> Any:
-    """The model saved in ``directory`` (see the module docstring), on ``device``."""
-    from ..build import check_weight_reference
-    from .modeling import MedTVTForConditionalGeneration
-
+    """The ``model_class`` model saved in ``directory`` (see the module docstring), on ``device``."""
     d = Path(directory)
     config = read_model_config(d)
     for ref in config.weight_references:
@@ -163,10 +156,8 @@ def load_model(directory: str | os.PathLike[str], *, catalog: Any = None, device
     # Plugins that build without a weights file need not warn "randomly initialised": what they
     # build is replaced next by the saved tensors (strictly checked); referenced files load as usual.
     with building_saved_model():
-        model = MedTVTForConditionalGeneration(config, catalog=catalog)
+        model = model_class(config, catalog=catalog)
     load_weights(model, d)
-    from .stages import freeze
-
     freeze(model)
     model.eval()
     if dtype is not None:

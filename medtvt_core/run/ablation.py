@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..build import validate_run
 from ..errors import ConfigError
+from ..io import atomic_write_text, write_json
 
 __all__ = ["parse_grid", "variant_name", "per_record", "run_grid", "PER_RECORD_METRICS", "PAPER_TABLES"]
 
@@ -75,15 +77,16 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
              store: Path | None = None) -> dict[str, Any]:
     """Run every variant of ``axes`` for every seed; write ``ablation.{csv,md}`` and ``report.md``.
 
-    ``resolve(flags, sets, output_dir)`` gives a validated RunConfig (the CLI's resolution).
+    ``resolve(flags, sets, output_dir)`` gives a RunConfig (the CLI's resolution); every variant's is
+    validated here, before the first one runs.
     ``store``: where the shared cohort (``data/``) and stages (``stages/``) live (default: ``out``), so
     several ablations can share them.
     """
     from accelerate import PartialState
 
     from ..data.synth import ensure_synthetic
-    from ..stats import atomic_write_text, noise_sentences, summarize_ablation, write_ablation
-    from .orchestrator import Run, write_json
+    from ..stats import noise_sentences, summarize_ablation, write_ablation
+    from .orchestrator import Run
 
     state = PartialState()  # several processes (accelerate launch / torchrun): the main one writes
     store = Path(store) if store is not None else out
@@ -118,6 +121,9 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     if len({t for ts in tests.values() for t in ts}) > 1:
         raise ConfigError("--grid: the variants do not share one test split (their data settings differ); "
                           "vary data.* in separate ablations")
+    for cfgs in configs.values():
+        for cfg in cfgs:
+            validate_run(cfg)
     scores: dict[str, dict[int, dict[str, dict[str, float | None]]]] = {}
     metrics: dict[str, dict[int, dict[str, Any]]] = {}
     # variant -> {previous stage, last stage} -> seed -> per-record scores: what the last stage added
@@ -125,7 +131,8 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     for name, cfgs in configs.items():
         for cfg in cfgs:
             echo(f"== variant {name}, seed {cfg.seed}")
-            res = Run(cfg, resume=True, stage_store=store / "stages", progress=progress, echo=echo).execute()
+            res = Run(cfg, resume=True, stage_store=store / "stages", progress=progress, echo=echo,
+                      validated=True).execute()
             for st in cfg.stages[-2:]:
                 preds = [json.loads(line) for line in
                          (Path(cfg.output_dir) / "eval" / f"{st}.jsonl").read_text().splitlines()]
@@ -176,7 +183,7 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     if stage_md:
         lines += ["", "## What the last stage added", "",
                   "Per variant, its last stage against the one before it, on the same test records and seeds "
-                  f"(tables: [stages.md](stages.md)).", ""]
+                  "(tables: [stages.md](stages.md)).", ""]
         for name, sentences in stage_md[1].items():
             lines += [f"- `{name}`: " + " ".join(sentences)]
         atomic_write_text(out / "stages.md", stage_md[0])

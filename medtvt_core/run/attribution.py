@@ -25,6 +25,7 @@ import torch
 
 from ..answers import answer_set
 from ..data.labels import DISEASES
+from ..model.generation import generate_reports
 
 __all__ = ["mask_modality", "dataset_attribution", "patient_attribution"]
 
@@ -45,14 +46,10 @@ def mask_modality(batch: Mapping[str, Any], modalities: Sequence[str], placehold
 def _named(model: Any, processor: Any, batch: Mapping[str, Any], *, max_new_tokens: int, samples: int = 0,
            temperature: float = 1.0) -> list[list[frozenset[str]]]:
     """Per sample, the disease sets named by its reports (greedy: one; ``samples`` > 0: that many)."""
-    feats = processor.generation_features(batch["prompts"])
     g = max(samples, 1)
-    new = model.generate(feats["input_ids"], feats["attention_mask"], modality_mask=batch["modality_mask"],
-                         modality_inputs=batch["modality_inputs"], modality_features=batch["modality_features"],
-                         do_sample=samples > 0, temperature=temperature, num_return_sequences=g,
-                         max_new_tokens=max_new_tokens, eos_token_id=processor.stop_token_ids,
-                         pad_token_id=processor.pad_token_id)
-    sets = [answer_set(t) or frozenset() for t in processor.decode(new)]
+    made = generate_reports(model, processor, batch, do_sample=samples > 0, temperature=temperature,
+                            num_return_sequences=g, max_new_tokens=max_new_tokens)
+    sets = [s or frozenset() for s in made.answer_sets()]
     return [sets[i * g:(i + 1) * g] for i in range(len(batch["prompts"]))]
 
 

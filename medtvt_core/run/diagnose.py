@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError, DataError
+from ..model.generation import generate_reports
+from .layout import FINAL
 
 __all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch"]
 
@@ -21,7 +23,6 @@ __all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch"]
 def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
     """``<run>/<stage>/final`` (default: the last stage of the run that completed)."""
     from ..model.serialization import is_saved_model
-    from .orchestrator import FINAL
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -101,12 +102,7 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     from ..answers import answer_set
 
     batch = patient_batch(model, processor, inputs, question)
-    feats = processor.generation_features(batch["prompts"])
-    modal = {k: batch[k] for k in ("modality_mask", "modality_inputs", "modality_features")}
-    new = model.generate(feats["input_ids"], feats["attention_mask"], **modal, do_sample=False,
-                         max_new_tokens=max_new_tokens or processor.max_new_tokens,
-                         eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
-    text = processor.decode(new)[0]
+    text = generate_reports(model, processor, batch, max_new_tokens=max_new_tokens or processor.max_new_tokens).texts[0]
     _, w = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
     weights = None if w is None else {m: float(w[0, j]) for j, m in enumerate(model.modalities)
                                       if bool(batch["modality_mask"][0, j])}

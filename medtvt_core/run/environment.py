@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from ..io import write_json
+from ..training.arguments import resolve_device
+
 __all__ = ["environment", "write_environment", "set_deterministic"]
 
 PACKAGES = ("medtvt", "torch", "torchvision", "transformers", "peft", "trl", "accelerate", "tokenizers", "timm",
@@ -55,6 +58,5 @@ def environment(catalog: Any, *, device: str, world_size: int = 1) -> dict[str, 
 
 
 def write_environment(path: Path, cfg: Any, catalog: Any, *, world_size: int = 1) -> None:
-    from .orchestrator import device_of, write_json
 
-    write_json(path, environment(catalog, device=str(device_of(cfg)), world_size=world_size))
+    write_json(path, environment(catalog, device=str(resolve_device(cfg.device)), world_size=world_size))

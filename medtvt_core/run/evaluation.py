@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import EvalConfig
+from ..io import atomic_write_text, write_json
+from ..model import generation
+from ..training.arguments import resolve_device
 
 log = logging.getLogger("medtvt.eval")
 
@@ -43,13 +45,8 @@ def generate_reports(model: Any, processor: Any, dataset: Any, *, batch_size: in
     for batch in tqdm(loader, desc="eval", disable=not progress or not state.is_main_process, leave=False):
         if not batch["ids"]:
             continue
-        feats = processor.generation_features(batch["prompts"])
-        modal = dict(modality_mask=batch["modality_mask"], modality_inputs=batch["modality_inputs"],
-                     modality_features=batch["modality_features"])
-        new = model.generate(feats["input_ids"], feats["attention_mask"], **modal, do_sample=do_sample,
-                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
-        texts = processor.decode(new)
+        texts = generation.generate_reports(model, processor, batch, do_sample=do_sample, temperature=temperature,
+                                            top_p=top_p, max_new_tokens=max_new_tokens).texts
         _, weights = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
         for i, text in enumerate(texts):
             w = None if weights is None else {m: float(weights[i, j]) for j, m in enumerate(model.modalities)
@@ -166,16 +163,12 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
     for batch in loader:
         if not batch["ids"]:
             continue
-        feats = processor.generation_features(batch["prompts"])
         gens = row_generators(seed, batch["ids"], samples, "eval")
-        new = model.generate(feats["input_ids"], feats["attention_mask"], modality_mask=batch["modality_mask"],
-                             modality_inputs=batch["modality_inputs"], modality_features=batch["modality_features"],
-                             do_sample=True, temperature=1.0, top_p=1.0, num_return_sequences=samples,
-                             max_new_tokens=max_new_tokens, eos_token_id=processor.stop_token_ids,
-                             pad_token_id=processor.pad_token_id,
-                             logits_processor=[SeededRowSampler(gens, temperature=temperature, top_p=top_p,
-                                                                max_steps=max_new_tokens)])
-        texts = processor.decode(new)
+        # Sampling is the seeded per-row sampler's (temperature and top-p applied there, as in GRPO).
+        texts = generation.generate_reports(model, processor, batch, do_sample=True, num_return_sequences=samples,
+                                            max_new_tokens=max_new_tokens,
+                                            logits_processor=[SeededRowSampler(gens, temperature=temperature,
+                                                                               top_p=top_p, max_steps=max_new_tokens)]).texts
         rows = [{"prompt": batch["prompts"][i // samples], "reference": batch["answers"][i // samples],
                  "prediction": t} for i, t in enumerate(texts)]  # record-major, as row_generators
         scored.extend(rows)
@@ -214,12 +207,7 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
 
 def write_predictions(records: Sequence[dict[str, Any]], path: Path) -> None:
     """JSON lines, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, model_dir: Path | None = None,
@@ -235,7 +223,6 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     from ..data.dataset import open_splits
     from ..data.manifest import read_manifest
     from .diagnose import load_model_dir, model_dir_of_run
-    from .orchestrator import write_json
 
     if run_dir is not None:
         cfg = resolve_config(config_file=Path(run_dir) / "config.yaml", sets=list(sets))
@@ -251,9 +238,8 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
         train_file = qa.get("train") if split != "train" else None
         cache_dir = None
     model, processor = load_model_dir(Path(model_dir))
-    from .orchestrator import device_of
 
-    model.to(device_of(cfg))
+    model.to(resolve_device(cfg.device))
     train_file = train_file if train_file and (root / train_file).is_file() else None
     splits = open_splits(root, modalities=processor.readers, train_file=train_file, test_file=test_file,
                          on_bad_sample=cfg.data.on_bad_sample, fit_stats=False, persist_stats=False)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..io import atomic_dir
+from .layout import FINAL
 
 __all__ = ["export_model", "model_card"]
 
@@ -80,7 +80,6 @@ def export_model(run_dir: Path, stage: str, out: Path, *, merge_lora: bool = Fal
     folds the adapter into the LLM weights (peft ``merge_and_unload``)."""
     from ..model.serialization import is_saved_model
     from .diagnose import load_model_dir
-    from .orchestrator import FINAL
 
     run_dir, out = Path(run_dir), Path(out)
     src = run_dir / stage / FINAL
@@ -94,15 +93,8 @@ def export_model(run_dir: Path, stage: str, out: Path, *, merge_lora: bool = Fal
             raise ConfigError(f"{src}: the LoRA adapter is already merged")
         model.llm = model.llm.merge_and_unload()
         model.config.lora_merged = True
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:  # ``out`` is absent or empty (checked above)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(run_dir, stage, model, merged=merge_lora))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,10 +33,12 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..errors import ConfigError
+from ..io import atomic_dir, write_json
+from ..training.arguments import resolve_device
+from .layout import FINAL
 
 log = logging.getLogger("medtvt.run")
 
-FINAL = "final"
 
 
 def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
@@ -77,55 +77,15 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-class SupervisedCollator:
-    """Dataset items -> model inputs: the data collator, then the processor (answer-only labels)."""
-
-    def __init__(self, data_collator: Callable[[list[Any]], dict[str, Any]], processor: Any, max_length: int):
-        self.data_collator = data_collator
-        self.processor = processor
-        self.max_length = max_length
-
-    def __call__(self, items: list[Any]) -> dict[str, Any]:
-        batch = self.data_collator(items)
-        feats = self.processor.train_features(batch["prompts"], batch["answers"], self.max_length, ids=batch["ids"])
-        keep = feats.pop("index", None)
-        mask = batch["modality_mask"]
-        inputs, features = batch["modality_inputs"], batch["modality_features"]
-        if keep is not None and keep.numel() != len(batch["prompts"]):
-            from ..model.processing import subset_modalities
-
-            names = batch["modality_names"]
-            inputs = subset_modalities(mask, inputs, names, keep)
-            features = subset_modalities(mask, features, names, keep)
-            mask = mask[keep]
-        return {**feats, "modality_mask": mask, "modality_inputs": inputs, "modality_features": features}
-
-
-def device_of(cfg: RunConfig) -> torch.device:
-    dev = cfg.device
-    if dev == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={dev!r} but no CUDA device is available; use device=cpu or auto")
-    return torch.device(dev)
-
-
 class Run:
     """One training + evaluation run (see the module docstring)."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, stage_store: Path | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print):
+                 progress: bool = True, echo: Callable[[str], None] = print, validated: bool = False):
         from accelerate import PartialState
 
         self.cfg = cfg
+        self.validated = validated
         self.out = Path(cfg.output_dir)
         self.resume = resume
         self.stage_store = stage_store
@@ -134,7 +94,7 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         # Under torchrun / accelerate launch this joins the process group (gloo on CPU).
-        self.dist = PartialState(cpu=device_of(cfg).type == "cpu")
+        self.dist = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
         self.is_main = self.dist.is_main_process
         self.echo = echo if self.is_main else (lambda s: None)
         self.model: Any = None
@@ -166,7 +126,8 @@ class Run:
 
         cfg = self.cfg
         catalog = get_catalog()
-        validate_run(cfg, catalog)
+        if not self.validated:  # the caller may have checked it already (an ablation checks every variant first)
+            validate_run(cfg, catalog)
         if cfg.weights_required:
             from ..build import required_weights
 
@@ -284,13 +245,13 @@ class Run:
 
     def new_model(self) -> None:
         """A fresh model (tokenizer trained or read, base prepared), the cache, feature statistics."""
-        from ..build import new_model
+        from ..model.factory import new_model
         from ..plugins import get_catalog
 
         seed_everything(self.cfg.seed)
         self.model, self.processor = new_model(self.cfg, get_catalog(), corpus=self._corpus,
                                                default_question=self._default_question(), readers=self.readers)
-        self.model.to(device_of(self.cfg))
+        self.model.to(resolve_device(self.cfg.device))
         self._attach_cache()
         if self.cfg.projector.standardize_features:
             self._fit_feature_norms()
@@ -305,7 +266,7 @@ class Run:
         self.model = MedTVTForConditionalGeneration.from_pretrained(final, catalog=get_catalog())
         self.processor = MedTVTProcessor.from_pretrained(final, catalog=get_catalog())
         self.processor.readers = dict(self.readers)
-        self.model.to(device_of(self.cfg))
+        self.model.to(resolve_device(self.cfg.device))
         self._attach_cache()
 
     @torch.no_grad()
@@ -343,7 +304,7 @@ class Run:
         self.echo(f"[{stage}] training: {len(names)} trainable tensors, {n_params:,} parameters")
         t0 = time.perf_counter()
         if stage in ("pt", "sft"):
-            from ..training.supervised import run_supervised
+            from ..training.supervised import SupervisedCollator, run_supervised
 
             scfg = getattr(cfg, stage)
             ds = self.stage_split(stage)
@@ -356,13 +317,10 @@ class Run:
         self.timings[stage] = time.perf_counter() - t0
         self.history[stage] = hist
         if self.is_main:  # the stage result, written atomically: a kill leaves no half-written final/
-            tmp = sdir / f".{FINAL}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
-            write_json(sdir / "history.json", hist)
-            shutil.rmtree(sdir / FINAL, ignore_errors=True)
-            os.replace(tmp, sdir / FINAL)
+            with atomic_dir(sdir / FINAL) as tmp:
+                self.model.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
+                write_json(sdir / "history.json", hist)
         self.barrier()
 
     def _run_rft(self, sdir: Path, resume: bool) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..io import atomic_path, atomic_write_text
 
 
 def _fmt(x: Any) -> str:
@@ -18,9 +19,8 @@ def _fmt(x: Any) -> str:
 
 
 def _savefig(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -175,7 +175,5 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
     if t:
         lines += ["", "## Time (s)", "", " | ".join(f"{k} {v:.1f}" for k, v in t.items())]
     path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a report
+    atomic_write_text(path, "\n".join(lines) + "\n")  # a reader never sees half a report
     return path

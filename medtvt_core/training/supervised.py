@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from ..checkpoints import step_checkpoints
+from .arguments import training_arguments
+from ..model.processing import subset_modalities
 from ..model.serialization import is_saved_model
 from ..config import StageConfig
 
@@ -47,47 +49,26 @@ class _HistoryCallback(TrainerCallback):
             self.sink({"step": state.global_step, "epoch": state.epoch, **logs})
 
 
-def _report_to() -> list[str]:
-    try:
-        import tensorboard  # noqa: F401
+class SupervisedCollator:
+    """Dataset items -> model inputs: the data collator, then the processor (answer-only labels)."""
 
-        return ["tensorboard"]
-    except ImportError:
-        return []
+    def __init__(self, data_collator: Callable[[list[Any]], dict[str, Any]], processor: Any, max_length: int):
+        self.data_collator = data_collator
+        self.processor = processor
+        self.max_length = max_length
 
-
-def training_arguments(cfg: StageConfig, out_dir: Path, *, seed: int, device: str, num_workers: int = 0,
-                       progress: bool = True) -> TrainingArguments:
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
-        output_dir=str(out_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": cfg.min_lr},
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps else "epoch",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=2,
-        save_only_model=False,  # optimizer + scheduler + RNG states: needed for an exact resume
-        seed=seed,
-        data_seed=seed,
-        use_cpu=use_cpu,
-        bf16=bf16,
-        dataloader_num_workers=num_workers,
-        remove_unused_columns=False,
-        report_to=_report_to(),
-        disable_tqdm=not progress,
-        max_grad_norm=1.0,
-    )
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        batch = self.data_collator(items)
+        feats = self.processor.train_features(batch["prompts"], batch["answers"], self.max_length, ids=batch["ids"])
+        keep = feats.pop("index", None)
+        mask = batch["modality_mask"]
+        inputs, features = batch["modality_inputs"], batch["modality_features"]
+        if keep is not None and keep.numel() != len(batch["prompts"]):
+            names = batch["modality_names"]
+            inputs = subset_modalities(mask, inputs, names, keep)
+            features = subset_modalities(mask, features, names, keep)
+            mask = mask[keep]
+        return {**feats, "modality_mask": mask, "modality_inputs": inputs, "modality_features": features}
 
 
 def last_complete_checkpoint(out_dir: Path) -> str | None:

@@ -103,16 +103,6 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
-def completion_mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
-    """Long mask ``[N, L]``: 1 up to and including the first EOS, 0 after it (all 1 without EOS)."""
-    eos = torch.as_tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids),
-                          device=completion_ids.device)
-    is_eos = torch.isin(completion_ids, eos)
-    none = torch.full_like(is_eos[:, 0], is_eos.size(1), dtype=torch.long)
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), none)
-    return (torch.arange(completion_ids.size(1), device=completion_ids.device)[None] <= first[:, None]).long()
-
-
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 

@@ -38,14 +38,16 @@ from torch import nn
 from transformers import TrainingArguments
 
 from ...errors import ConfigError, DataError
+from ..arguments import training_arguments
 from ..supervised import MedTVTTrainer, last_complete_checkpoint
+from ...model.generation import completion_mask, generate_reports
 from ...model.sampling import SeededRowSampler, row_generators
-from .math import (compute_rewards, completion_mask_after_eos, group_advantages, grpo_loss, nanstd,
+from .math import (compute_rewards, group_advantages, grpo_loss, nanstd,
                    selective_log_softmax, weighted_rewards)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MedTVTGRPOTrainer", "PromptWindowSampler", "frozen_reference", "grpo_arguments", "run_grpo",
+__all__ = ["MedTVTGRPOTrainer", "PromptWindowSampler", "frozen_reference", "run_grpo",
            "check_rft_layout"]
 
 
@@ -108,23 +110,6 @@ class PromptWindowSampler(torch.utils.data.Sampler[list[int]]):
             mine = perm[w * self.window + self.rank * self.per_process:][: self.per_process]
             for _ in range(self.repeats):
                 yield mine
-
-
-def grpo_arguments(cfg: Any, out_dir: Path, *, seed: int, device: str, progress: bool = True) -> TrainingArguments:
-    """``TrainingArguments`` of the RFT stage from :class:`~medtvt_core.config.RFTConfig`."""
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
-        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": cfg.min_lr}, warmup_steps=cfg.warmup_ratio,
-        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        save_only_model=False, seed=seed, data_seed=seed, use_cpu=use_cpu, bf16=bf16, remove_unused_columns=False,
-        report_to=[], disable_tqdm=not progress, dataloader_num_workers=0)
-
-
 
 
 class _EpochLoader(torch.utils.data.DataLoader):
@@ -240,26 +225,21 @@ class MedTVTGRPOTrainer(MedTVTTrainer):
                             f"see the skipped-sample warnings")
         if batch.get("n_skipped"):
             self._metrics["skipped_prompts"].append(float(batch["n_skipped"]))
-        feats = proc.generation_features(batch["prompts"], rft.max_prompt_length, ids=batch["ids"])
-        if feats["index"].numel() != n:
-            raise DataError(f"{n - feats['index'].numel()} prompt(s) over rft.max_prompt_length="
-                            f"{rft.max_prompt_length}; raise it (prompts are never cut: that could drop a placeholder)")
         names = batch["modality_names"]
         gens = row_generators(self.args.seed, batch["ids"], G, self.state.global_step)
         with self._generation_model() as gen_model:
-            new = gen_model.generate(
-                feats["input_ids"].to(device), feats["attention_mask"].to(device),
-                modality_mask=batch["modality_mask"], modality_inputs=batch["modality_inputs"],
-                modality_features=batch["modality_features"], do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                max_new_tokens=rft.max_completion_length, num_return_sequences=G,
-                eos_token_id=proc.stop_token_ids, pad_token_id=proc.pad_token_id,
-                logits_processor=[SeededRowSampler(gens, temperature=rft.temperature, top_p=rft.top_p,
-                                                   max_steps=rft.max_completion_length)])
-        prompt_rows = [row[m.bool()] for row, m in zip(feats["input_ids"], feats["attention_mask"])]
-        comp_rows = list(new.cpu())
+            # Sampling is the seeded per-row sampler's (temperature and top-p there, see model/sampling.py).
+            made = generate_reports(gen_model, proc, batch, do_sample=True, top_k=0,
+                                    max_new_tokens=rft.max_completion_length, num_return_sequences=G,
+                                    max_prompt_length=rft.max_prompt_length, length_option="rft.max_prompt_length",
+                                    logits_processor=[SeededRowSampler(gens, temperature=rft.temperature,
+                                                                       top_p=rft.top_p,
+                                                                       max_steps=rft.max_completion_length)])
+        prompt_rows = [row[m.bool()] for row, m in zip(made.prompt_ids, made.prompt_mask)]
+        comp_rows = list(made.completion_ids.cpu())
         prompt_ids, prompt_mask = pad_sequences(prompt_rows, proc.pad_token_id, side="left")
         completion_ids, _ = pad_sequences(comp_rows, proc.pad_token_id, side="right")
-        cmask = completion_mask_after_eos(completion_ids, proc.stop_token_ids)
+        cmask = completion_mask(completion_ids, proc.stop_token_ids)
         completion_ids = completion_ids.masked_fill(cmask == 0, proc.pad_token_id)
         texts = proc.decode([c[m.bool()].tolist() for c, m in zip(completion_ids, cmask)])
         rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
@@ -400,7 +380,7 @@ def run_grpo(model: Any, processor: Any, dataset: Any, cfg: Any, reward_funcs: S
             if on_log and logs and state.is_world_process_zero:
                 on_log({"step": state.global_step, **logs})
 
-    args = grpo_arguments(cfg, output_dir, seed=seed, device=device, progress=progress)
+    args = training_arguments(cfg, output_dir, seed=seed, device=device, progress=progress)
     trainer = MedTVTGRPOTrainer(model, args, rft=cfg, processor=processor, train_dataset=dataset,
                                 reward_funcs=reward_funcs, reward_names=reward_names, reward_weights=reward_weights,
                                 callbacks=[_Echo()])
