@@ -11,7 +11,7 @@
   with its LoRA adapter; TRL adds its frozen ``ref`` copy of the adapter, our trainer a frozen copy
   of LoRA + MPL) with text prompts of the same token length: each MedTVT prompt, formatted as our
   processor formats it, with every modality token replaced by an ordinary word.  TRL cannot take
-  the modality tokens (SPEC, "Environment facts": its ``GRPOTrainer`` carries only image fields
+  the modality tokens (docs/method.md, "Environment facts": its ``GRPOTrainer`` carries only image fields
   through generation and log-prob computation), so its forwards have no projector/fusion work.
 
 Both sides use the same G, prompts per step (one micro-step, one generation per step), temperature

@@ -60,9 +60,10 @@ class ProjectorConfig(_Strict):
     standardize_features: bool = Field(
         False, description="standardise each frozen feature channel with training-split mean/std before the "
                            "pooling head (not in the reference; helps randomly initialised demo encoders)")
-    normalize_input: bool = Field(
-        False, description="L2-normalise each pooled modality feature before its projector (F.normalize), as the "
-                           "reference does for the ECG vector, the CXR token and the lab feature")
+    normalize_input: bool | list[str] = Field(
+        False, description="modalities whose pooled feature is L2-normalised (F.normalize) before its projector; "
+                           "true: all, false: none. The reference: [cxr, lab] (its ECG features are normalised per "
+                           "step inside ecgfm-ked's head, option normalize_steps; docs/method.md, 'Encoders')")
 
 
 class PromptConfig(_Strict):
@@ -219,6 +220,11 @@ class RunConfig(_Strict):
         missing = [m for m in self.modalities if m not in self.encoders]
         if missing:
             raise ValueError(f"no encoder configured for modality {', '.join(missing)} (set encoders.<modality>.name)")
+        norm = self.projector.normalize_input
+        unknown = [m for m in norm if m not in self.encoders] if isinstance(norm, list) else []
+        if unknown:
+            raise ValueError(f"projector.normalize_input names {', '.join(unknown)}, which has no encoder; "
+                             f"allowed: true, false or a list of {', '.join(self.encoders)}")
         return self
 
 

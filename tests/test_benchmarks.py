@@ -122,3 +122,34 @@ def test_shell_scripts_parse_and_wheels_are_pinned_once():
     names = [n.lower().replace("_", "-") for n, _ in pins]
     assert len(names) == len(set(names)), "two versions of one package stop the install on the machine"
     assert {"pydantic", "pydantic-core", "trl", "datasets"} <= set(names)
+
+
+def test_paper_shape_smoke_prints_every_stage_dtype_and_checkpointing(bench, capsys):
+    """The paper-shape CPU benchmark runs PT, SFT and RFT for each dtype x checkpointing setting and
+    prints one row each; its restated LLaMA-3.2-1B config is the plugin's (checked before it runs)."""
+    ps = bench("paper_shape")
+    rows = ps.main(["--smoke", "--dtypes", "float32,bfloat16", "--checkpointing", "off,on"])
+    out = capsys.readouterr().out
+    assert re.search(r"^\| stage +\| LLM dtype \| grad\. ckpt \| s/step +\| tokens/s +\| peak RSS +\|", out, re.M), out
+    assert "SMOKE: tiny LLM and encoders, not the paper shape" in out
+    for stage in ("PT", "SFT", "RFT"):
+        for dtype in ("float32", "bfloat16"):
+            for ckpt in ("off", "on"):
+                assert re.search(rf"^\| {stage} +\| {dtype} +\| {ckpt} +\| [0-9.]+ +\| [0-9.]+", out, re.M), \
+                    (stage, dtype, ckpt)
+    assert len(rows) == 12 and all(r["peak_rss_bytes"] > 0 and r["s_per_step"] > 0 for r in rows)
+    assert {r["num_generations"] for r in rows if r["stage"] == "rft"} == {2}
+
+
+def test_paper_shape_reduces_only_layers_and_vocabulary(bench):
+    ps = bench("paper_shape")
+    from medtvt_plugins.llms.llama_lora import llama_config
+
+    assert ps.LLAMA_3_2_1B == {k: ps.llama_variants()["llama-3.2-1b"][k] for k in ps.LLAMA_3_2_1B}
+    with ps.llm_shape(2, 32768):
+        small = llama_config("llama-3.2-1b").to_dict()
+    full = llama_config("llama-3.2-1b").to_dict()
+    assert (small["num_hidden_layers"], small["vocab_size"]) == (2, 32768)
+    assert (full["num_hidden_layers"], full["vocab_size"]) == (16, 128256)
+    assert {k: v for k, v in small.items() if k not in ("num_hidden_layers", "vocab_size", "layer_types")} == \
+        {k: v for k, v in full.items() if k not in ("num_hidden_layers", "vocab_size", "layer_types")}

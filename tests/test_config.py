@@ -19,12 +19,13 @@ def test_presets_resolve():
 
 
 def test_paper_preset_is_the_reference_code():
-    """Each point where the reference code decides, restated from SPEC ("Reference code details")."""
+    """Each point where the reference code decides, restated from docs/method.md ("The reference code's rules")."""
     p = resolve_config(preset="paper")
     assert p.llm.options["variant"] == "llama-3.2-1b" and p.llm.options["lora_rank"] == 8  # the paper's rank
     assert set(p.llm.options["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                     "down_proj"}
-    assert p.projector.normalize_input and p.projector.tokens_per_modality == 1
+    assert p.projector.normalize_input == ["cxr", "lab"] and p.projector.tokens_per_modality == 1  # ECG: per step
+    assert p.encoders["ecg"].options.get("normalize_steps", True)
     assert (p.prompt.format, p.prompt.answer_end_token) == ("reference", "<|end_of_text|>")
     assert [r.name for r in p.rewards] == ["format", "jaccard"]
     assert p.fusion.name == "mpl" and p.fusion.options["style"] == "official"

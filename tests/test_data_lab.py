@@ -107,3 +107,30 @@ def test_bad_keys(tmp_path):
         LabModality(csv="dup.csv").fit(["101"], tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         LabModality(csv="none.csv").fit(["101"], tmp_path)
+
+
+@pytest.mark.parametrize("value", [7.5, -0.01, 1.0001])
+def test_percentile_outside_unit_interval_is_refused(tmp_path, value):
+    """A percentile is a fraction in [0, 1]: 7.5 (a percent, or a raw value in the wrong column) is refused
+    naming the file, the row (line, hadm_id, subject_id), the column and the allowed range, in one line."""
+    df = make_csv(tmp_path / "labs.csv")
+    df.loc[3, f"{LABS[7]}_percentile"] = value
+    df.loc[4, f"{LABS[2]}_percentile"] = 9.0  # a later row: the first offending one is named
+    df.to_csv(tmp_path / "labs.csv", index=False)
+    with pytest.raises(DataError) as e:
+        LabModality().fit(["101"], tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(tmp_path / "labs.csv") in msg
+    assert f"line 5 (row 3: hadm_id 103, subject_id 10000003), column '{LABS[7]}_percentile': percentile {value} " \
+           "is outside [0, 1]; allowed: a number in [0, 1] or an empty cell" in msg
+
+
+def test_percentile_bounds_are_accepted(tmp_path):
+    df = make_csv(tmp_path / "labs.csv")
+    df.loc[1, f"{LABS[7]}_percentile"] = 0.0
+    df.loc[2, f"{LABS[7]}_percentile"] = 1.0
+    df.to_csv(tmp_path / "labs.csv", index=False)
+    mod = LabModality()
+    mod.fit(["101", "102"], tmp_path)
+    assert mod.load("102", root=tmp_path)[7].item() == 1.0 and mod.load("101", root=tmp_path)[7].item() == 0.0

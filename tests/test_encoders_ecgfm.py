@@ -17,7 +17,6 @@ from medtvt_plugins.encoders.ecgfm_ked import (
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "ecgfm_ked_xresnet1d101_state_dict.json"
-SHARED_MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / MANIFEST.name
 
 
 class NotATensor:
@@ -40,12 +39,6 @@ def full_ckpt(tmp_path_factory, manifest):
 def tiny(**kw) -> EcgfmKedEncoder:
     torch.manual_seed(0)
     return EcgfmKedEncoder(variant="tiny", **kw)
-
-
-def test_vendored_manifest_is_the_reference():
-    if not SHARED_MANIFEST.is_file():
-        pytest.skip(f"{SHARED_MANIFEST} not present")
-    assert read_manifest(SHARED_MANIFEST) == read_manifest(MANIFEST)
 
 
 def test_full_backbone_matches_manifest(manifest):

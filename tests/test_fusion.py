@@ -1,4 +1,4 @@
-"""Built-in fusion plugins (mpl, cmha, cao, none): shapes, masking, SPEC formulas, gradients."""
+"""Built-in fusion plugins (mpl, cmha, cao, none): shapes, masking, the formulas of docs/method.md, gradients."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def ref_layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 
 
 def ref_forward(fus: Fusion, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The SPEC formulas with explicit loops over samples and rotations (eval mode)."""
+    """The formulas of docs/method.md (MPL) with explicit loops over samples and rotations (eval mode)."""
     b, m, k, _ = z.shape
     out = torch.zeros_like(z)
     weights = torch.zeros(b, m) if getattr(fus, "use_cao", False) else None
@@ -316,7 +316,7 @@ def _reset_query_key_projection(fus: MPLFusion, seed: int) -> None:
 
 @pytest.mark.parametrize("k,matters", [(1, False), (4, True)])
 def test_query_key_projection_matters_only_with_several_tokens(k, matters):
-    # K=1: every softmax is over one key, so it is 1 and W_q, W_k weigh nothing (SPEC's remark).
+    # K=1: every softmax is over one key, so it is 1 and W_q, W_k weigh nothing (docs/method.md, MPL).
     torch.manual_seed(0)
     fus = MPLFusion(D, 3).eval()
     randomize(fus)

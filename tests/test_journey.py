@@ -78,7 +78,7 @@ def test_diagnose_one_patient_with_every_modality(demo):
     assert all(0.0 <= p <= 1.0 for p in att["p_named"].values())
     # Only the cohort's diseases are attributed; anything else a sampled report names is counted.
     seven = {"Coronary Artery Disease", "Acute Renal Failure", "Hypertension", "Atrial Fibrillation", "Pneumonia",
-             "Diabetes Mellitus", "Sepsis"}  # SPEC's disease list, restated
+             "Diabetes Mellitus", "Sepsis"}  # docs/method.md's disease list ("Diseases"), restated
     assert set(att["p_named"]) <= seven, att["p_named"]
     assert isinstance(att["other_names"], int) and 0 <= att["other_names"] <= 2 * 4
     text = ok(medtvt("diagnose", "--run", demo, *_patient(demo), "--samples", "0")).stdout

@@ -1,4 +1,4 @@
-"""DenseProjector: shapes and the SPEC formula on hand-set weights."""
+"""DenseProjector: shapes and the formula of docs/method.md ("Projector") on hand-set weights."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _set_weights(proj: DenseProjector, seed: int = 0) -> None:
 
 
 def _expected(proj: DenseProjector, x: torch.Tensor) -> torch.Tensor:
-    """SPEC by hand: Linear, then per block x + W2(silu(W1 n) * W3 n), n = RMSNorm(x)."""
+    """docs/method.md ("Projector") by hand: Linear, then per block x + W2(silu(W1 n) * W3 n), n = RMSNorm(x)."""
     y = x @ proj.proj.weight.T + proj.proj.bias
     for blk in proj.blocks:
         n = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + blk.norm.eps) * blk.norm.weight

@@ -1,4 +1,5 @@
-"""ECG reader on real PhysioNet records the project did not write (../shared/real-data/wfdb).
+"""ECG reader on real PhysioNet records the project did not write (tests/data/wfdb: wfdb-python's sample
+data, MIT licence; tests/data/README.md says what each record exercises).
 
 The oracle is wfdb itself, called directly here: ``rdrecord(...).p_signal`` (one sample per
 frame) or ``e_p_signal`` (several), cut as the reader documents, and ``scipy.signal.resample``.
@@ -19,9 +20,7 @@ from medtvt_core.data.formats import MIMIC_IV_ECG_LEADS
 from medtvt_core.errors import DataError
 from medtvt_plugins.readers.ecg import EcgModality
 
-WFDB_DIR = Path(__file__).resolve().parents[2] / "shared" / "real-data" / "wfdb"
-pytestmark = pytest.mark.skipif(not WFDB_DIR.is_dir(),
-                                reason=f"real PhysioNet records absent: no folder {WFDB_DIR} (../shared/real-data/wfdb)")
+WFDB_DIR = Path(__file__).resolve().parent / "data" / "wfdb"
 
 RECORDS = ["03700181", "100_3chan", "binformats", "mixedsignals"]
 
@@ -34,7 +33,7 @@ def copy_record(record: str, dst: Path) -> Path:
     """Writable copy of a record's header and signal files in ``dst``."""
     hea = WFDB_DIR / f"{record}.hea"
     for f in {hea.name, *wfdb.rdheader(str(WFDB_DIR / record)).file_name}:
-        shutil.copyfile(WFDB_DIR / f, dst / f)  # copyfile: not the read-only mode of the originals
+        shutil.copyfile(WFDB_DIR / f, dst / f)  # copyfile: the tests may alter the copy, never the originals
     return dst
 
 

@@ -121,7 +121,7 @@ def _all(completion, truth):
     ("Sepsis", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
     ("<answer> Sepsis </answer><answer> Sepsis </answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
     ("<answer> Sepsis <answer> Sepsis </answer></answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
-    # empty sets: jaccard 0 (SPEC: empty union), exact/F1 1
+    # empty sets: jaccard 0 (docs/method.md, "Rewards": empty union), exact/F1 1
     ("<answer> </answer>", "<answer></answer>", (0.0, 1.0, 1.0)),
     ("<answer> </answer>", "<answer> Sepsis </answer>", (0.0, 0.0, 0.0)),
     ("<answer> Sepsis </answer>", "<answer></answer>", (0.0, 0.0, 0.0)),

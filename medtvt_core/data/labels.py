@@ -16,7 +16,7 @@ DISEASES: tuple[str, ...] = (
     "Sepsis",
 )
 
-#: ICD-10 code prefixes (dots removed) of each category (SPEC table).
+#: ICD-10 code prefixes (dots removed) of each category (docs/method.md, "Diseases").
 ICD10_PREFIXES: dict[str, tuple[str, ...]] = {
     "Coronary Artery Disease": ("I25",),
     "Acute Renal Failure": ("N17",),

@@ -8,7 +8,7 @@ Per sample, then averaged over all samples:
 * BERTScore: *recall* (computed by :class:`.modules.BertScore` from a local checkpoint).
 
 Tokens are nltk ``wordpunct_tokenize`` of the whole texts (tags included), as in the
-reference's source (``SPEC.md`` says ``str.split``; the source tokenizes with ``wordpunct``).
+reference's source (docs/method.md, "Evaluation"; not ``str.split``).
 
 Clinical efficacy uses the reference's labels (:func:`medtvt_core.answers.reference_labels`:
 first ``<answer>`` block, exact strings) and only the samples where *both* texts have a

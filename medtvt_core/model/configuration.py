@@ -38,7 +38,8 @@ class MedTVTConfig(PretrainedConfig):
     * ``modalities``: modality names in the order of the modality-mask columns.
     * ``encoders``: modality -> ``{"name": encoder plugin, "options": {...}}``.
     * ``projector``: ``tokens_per_modality`` (K), ``blocks`` (SwiGLU blocks), ``standardize_features``,
-      ``normalize_input`` (L2-normalise the pooled feature before the projector, as the reference).
+      ``normalize_input`` (true, false, or the modalities whose pooled feature is L2-normalised before
+      its projector: ``["cxr", "lab"]`` in the reference, see docs/method.md).
     * ``fusion`` / ``llm``: ``{"name", "options"}`` of the fusion and LLM plugins.
     * ``text_config``: the LLM's own config (vocabulary including the placeholders).
     * ``placeholders``: modality -> placeholder token text; ``placeholder_token_ids``: modality -> id.
@@ -83,5 +84,5 @@ class MedTVTConfig(PretrainedConfig):
 
     @property
     def uses_fusion(self) -> bool:
-        """The fusion layer runs from SFT on (SPEC: no MPL in PT)."""
+        """The fusion layer runs from SFT on (docs/method.md, "Training": no MPL in PT)."""
         return self.stage != "pt"

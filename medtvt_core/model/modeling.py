@@ -121,9 +121,10 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         self.llm = self.backbone.build_model(config.text_config, adapter=not config.lora_merged)
         d = int(config.text_config.hidden_size)
         proj = config.projector
+        norm = proj["normalize_input"]  # true / false, or the modalities to normalise (the reference: cxr, lab)
         self.projectors = nn.ModuleDict({
             m: DenseProjector(self.encoders[m].pooled_dim, d, blocks=int(proj["blocks"]),
-                              normalize_input=bool(proj["normalize_input"]))
+                              normalize_input=(m in norm) if isinstance(norm, list) else bool(norm))
             for m in config.modalities})
         # Identity until fitted (projector.standardize_features); saved with the projectors.
         self.feature_norms = nn.ModuleDict({m: FeatureStandardizer(int(self.encoders[m].feature_shape[-1]))

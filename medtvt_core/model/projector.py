@@ -1,10 +1,11 @@
-"""Per-modality projector: the "Dense block" of MuMu-LLaMA (SPEC, "Architecture").
+"""Per-modality projector: the "Dense block" of MuMu-LLaMA (docs/method.md, "Projector").
 
 ``Linear(in_dim -> out_dim)`` followed by ``blocks`` residual SwiGLU blocks, each
 ``x = x + W2(silu(W1 norm(x)) * W3 norm(x))`` with one RMSNorm per block and bias-free
 ``out_dim x out_dim`` linears.  Maps ``[B, K, in_dim] -> [B, K, out_dim]`` (any leading dims).
 With ``normalize_input`` the input is first L2-normalised over its features (``F.normalize``),
-as the reference code does for the pooled ECG vector, the pooled CXR token and the lab feature.
+as the reference code does for the pooled CXR token and the lab feature (not for the pooled ECG
+vector: its steps are normalised before pooling, inside the ECG head; docs/method.md, "Encoders").
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class SwiGLUBlock(nn.Module):
         self.w3 = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)  # one norm feeds both branches (SPEC: W1 norm(x), W3 norm(x))
+        h = self.norm(x)  # one norm feeds both branches (docs/method.md: W1 norm(x), W3 norm(x))
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
 

@@ -1,4 +1,4 @@
-"""Which parameters each training stage trains (SPEC, "Training").
+"""Which parameters each training stage trains (docs/method.md, "Training").
 
 | stage | trainable | frozen |
 |---|---|---|

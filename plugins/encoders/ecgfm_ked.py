@@ -5,9 +5,12 @@ Backbone: a pure-PyTorch rebuild of the fastai-v2-style ``xresnet1d101`` of ECGF
 it loads with ``strict=True``.  ``[B, 12, 1000] -> [B, 768, 32]``; :meth:`encode` returns the
 steps first, ``[B, 32, 768]``.
 
-Head (trainable): L2-normalise each step's features, a one-layer RNN ``768 -> 1024``, then
-attention pooling over the steps with ``K`` query heads (``Linear 1024 -> K``, softmax over
-steps); ``K = 1`` is the reference.  :meth:`pool` gives ``[B, K, 1024]``.
+Head (trainable): L2-normalise each step's features (``normalize_steps``, on by default), a
+one-layer RNN ``768 -> 1024``, then attention pooling over the steps with ``K`` query heads
+(``Linear 1024 -> K``, softmax over steps); ``K = 1`` is the reference.  :meth:`pool` gives
+``[B, K, 1024]``.  This is where the reference normalises the ECG (``forward_ecg`` in
+``llama/Cardio_llama.py``): per step, before the RNN; the pooled vector reaches the projector
+unnormalised (docs/method.md, "Encoders").
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class EcgfmKedConfig(PluginConfig):
     variant: Literal["full", "tiny"] = Field(
         "full", description="'full': xresnet1d101 of ECGFM-KED (768 features, RNN 1024); 'tiny': same code, small widths")
     num_tokens: int = Field(1, ge=1, description="K attention-pooling query heads = tokens per ECG (1 in the paper)")
+    normalize_steps: bool = Field(
+        True, description="L2-normalise each of the 32 steps' features before the RNN (the reference's ECG "
+                          "normalisation; the pooled vector is normalised only if projector.normalize_input lists ecg)")
     weights: Path | None = Field(
         None, description="local ECGFM-KED checkpoint ({'ecg_model': state_dict} or a plain state dict, .pt/.pth/.safetensors); "
                           "None = random init (tests and demo only)")
@@ -149,15 +155,16 @@ class XResNet1d(nn.Sequential):
 
 # --------------------------------------------------------------------------- head
 class RnnAttentionPool(nn.Module):
-    """L2-normalise -> one-layer RNN -> attention pooling over steps with ``num_tokens`` heads."""
+    """[L2-normalise each step ->] one-layer RNN -> attention pooling over steps with ``num_tokens`` heads."""
 
-    def __init__(self, in_dim: int, hidden: int, num_tokens: int):
+    def __init__(self, in_dim: int, hidden: int, num_tokens: int, normalize_steps: bool = True):
         super().__init__()
+        self.normalize_steps = normalize_steps
         self.rnn = nn.RNN(in_dim, hidden, num_layers=1, batch_first=True)
         self.attn = nn.Linear(hidden, num_tokens)
 
     def forward(self, feats: torch.Tensor, return_weights: bool = False) -> Any:
-        h, _ = self.rnn(F.normalize(feats, dim=-1))  # [B, N, H]
+        h, _ = self.rnn(F.normalize(feats, dim=-1) if self.normalize_steps else feats)  # [B, N, H]
         w = self.attn(h).softmax(dim=1)  # [B, N, K]: one distribution over steps per head
         pooled = torch.einsum("bnk,bnh->bkh", w, h)
         return (pooled, w) if return_weights else pooled
@@ -171,15 +178,16 @@ class EcgfmKedEncoder(Encoder):
     config_class = EcgfmKedConfig
     contract_options: ClassVar[dict[str, Any]] = {"variant": "tiny"}
 
-    def __init__(self, *, variant: str = "full", num_tokens: int = 1, weights: str | Path | None = None,
-                 trust_checkpoint: bool = False):
+    def __init__(self, *, variant: str = "full", num_tokens: int = 1, normalize_steps: bool = True,
+                 weights: str | Path | None = None, trust_checkpoint: bool = False):
         super().__init__()
-        self.config = EcgfmKedConfig(variant=variant, num_tokens=num_tokens, weights=weights,
-                                         trust_checkpoint=trust_checkpoint)
+        self.config = EcgfmKedConfig(variant=variant, num_tokens=num_tokens, normalize_steps=normalize_steps,
+                                     weights=weights, trust_checkpoint=trust_checkpoint)
         arch = ARCHS[self.config.variant]
         self.backbone = XResNet1d(NUM_LEADS, arch.stem, arch.widths, arch.layers, expansion=arch.expansion,
                                   kernel_size=arch.kernel_size, strides=arch.strides)
-        self.head = RnnAttentionPool(self.backbone.out_channels, arch.rnn_hidden, self.config.num_tokens)
+        self.head = RnnAttentionPool(self.backbone.out_channels, arch.rnn_hidden, self.config.num_tokens,
+                                     normalize_steps=self.config.normalize_steps)
         self.input_shape = (NUM_LEADS, NUM_SAMPLES)
         self.feature_shape = (self.backbone.output_length(NUM_SAMPLES), self.backbone.out_channels)
         self.pooled_dim = arch.rnn_hidden

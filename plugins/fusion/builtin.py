@@ -10,7 +10,7 @@ shape, for any ``M >= 1`` and ``K >= 1``.  A masked modality takes no part: its 
 replaced by zeros before anything reads them, every attention rotation that uses it is
 dropped for that sample, its CAO input slot is zero, and its output tokens and weight are 0.
 
-CMHA (SPEC): one shared ``nn.MultiheadAttention`` applied once per rotation ``(query, key,
+CMHA (docs/method.md, MPL): one shared ``nn.MultiheadAttention`` applied once per rotation ``(query, key,
 value)`` of modalities.  Default (``rotations=None``): ``M`` cyclic rotations in the run's modality
 order, rotation ``r`` = ``(r, r+1, r+2) mod M``.  ``rotations`` names the triples explicitly by
 modality name, e.g. the reference's ``[[cxr, ecg, lab], [ecg, lab, cxr], [lab, cxr, ecg]]``
@@ -29,7 +29,7 @@ independent mask per modality (the reference calls its dropout once per output m
 Note: with ``M = 3`` every rotation uses all three modalities, so a sample missing any one gets
 ``F = 0``.
 
-CAO (SPEC): ``g = sigmoid(Linear(M*D -> M)([mean_K M_1 : ... : mean_K M_M]))``,
+CAO (docs/method.md, MPL): ``g = sigmoid(Linear(M*D -> M)([mean_K M_1 : ... : mean_K M_M]))``,
 ``T_i = g_i * M_i``; ``g`` is returned as the per-sample modality weights.
 """
 

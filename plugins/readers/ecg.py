@@ -32,7 +32,8 @@ class EcgConfig(PluginConfig):
     pad: Literal["error", "edge", "zero"] = Field(
         "error", description="a shorter record: reject it (default), repeat the edge values, or pad with zeros")
     nan_policy: Literal["error", "interpolate", "zero"] = Field(
-        "error", description="NaN samples: reject the record (default), interpolate linearly per lead, or set to 0 (counted, warned)")
+        "error", description="NaN samples: reject the record (default), interpolate linearly per lead, or zero (as the "
+                             "reference: resampled first, so a lead holding a NaN becomes all zeros; counted, warned)")
     max_nan_fraction: float = Field(0.1, ge=0, le=1,
                                     description="with a fill policy, reject records with more NaN samples than this fraction")
     verify_checksum: bool = Field(True, description="compare the header's per-lead checksums with the signal (detects corrupt .dat bytes)")
@@ -135,7 +136,12 @@ class EcgModality(Modality):
         frame_fs = float(rec.fs)
         xs = self._fix_length(xs, [frame_fs * spf[i] for i in idx], rec.sig_len, frame_fs, where)
         xs = self._fix_nans(xs, where)
-        return torch.from_numpy(self._resample(xs))
+        out = self._resample(xs)
+        if cfg.nan_policy == "zero":
+            # The reference's order (docs/method.md, "ECG preprocessing"): resample, then NaN -> 0; the
+            # Fourier resampling has spread each NaN over its whole lead, so that lead becomes zeros.
+            out[np.isnan(out)] = 0.0
+        return torch.from_numpy(out)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -294,11 +300,9 @@ class EcgModality(Modality):
             raise DataError(f"{where}: {desc} exceed max_nan_fraction={cfg.max_nan_fraction:g} of the samples")
         out = []
         for i, (x, b) in enumerate(zip(xs, bad)):
-            if b.any():
+            if b.any() and cfg.nan_policy != "zero":  # zero: filled after resampling (load)
                 x = x.copy()
-                if cfg.nan_policy == "zero":
-                    x[b] = 0.0
-                elif not (~b).any():
+                if not (~b).any():
                     raise DataError(f"{where}: lead {cfg.leads[i]} is entirely NaN; nothing to interpolate from")
                 else:
                     t = np.arange(x.size)
@@ -306,20 +310,25 @@ class EcgModality(Modality):
             out.append(x)
         self.nan_filled_records += 1
         self.nan_filled_samples += count
-        log.warning("%s: %s replaced by nan_policy=%s (records fixed so far: %d)", where, desc, cfg.nan_policy,
+        how = "zeroed: each such lead entirely, after resampling, as the reference" if cfg.nan_policy == "zero" \
+            else "interpolated"
+        log.warning("%s: %s %s (nan_policy=%s; records fixed so far: %d)", where, desc, how, cfg.nan_policy,
                     self.nan_filled_records)
         return out
 
     def _resample(self, xs: list[np.ndarray]) -> np.ndarray:
-        """Fourier resampling of each lead to ``n_samples`` (``scipy.signal.resample``, as the reference)."""
+        """Fourier resampling of each lead to ``n_samples`` (``scipy.signal.resample``, as the reference).
+
+        A lead holding a NaN (``nan_policy: zero``) goes through the resampler even at the target
+        length, as in the reference, which always resamples: its output is then NaN throughout."""
         from scipy.signal import resample
 
         n_out = self.n_samples
         if len({x.size for x in xs}) == 1:  # one rate (the usual 12-lead case): one call over all leads
             x = np.stack(xs)
-            out = x if x.shape[1] == n_out else resample(x, n_out, axis=1)
+            out = x if x.shape[1] == n_out and not np.isnan(x).any() else resample(x, n_out, axis=1)
         else:  # several rates: each lead from its own length
-            out = np.stack([x if x.size == n_out else resample(x, n_out) for x in xs])
+            out = np.stack([x if x.size == n_out and not np.isnan(x).any() else resample(x, n_out) for x in xs])
         return np.ascontiguousarray(out, dtype=np.float32)
 
 

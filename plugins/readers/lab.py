@@ -161,6 +161,15 @@ class LabModality(Modality):
         # A lab counts as measured when its percentile is present (the vector uses percentiles).
         pct = np.stack([numeric(lab + suf) for lab in labs], axis=1) if labs else np.zeros((len(df), 0))
         raw = np.stack([numeric(lab) for lab in labs], axis=1) if labs else np.zeros((len(df), 0))
+        # A Symile-MIMIC percentile is a rank within the training split: a fraction in [0, 1]
+        # (docs/method.md, "Labs"); 7.5 would be a percent or a raw value in the wrong column.
+        out_of_range = (pct < 0) | (pct > 1)  # NaN (an empty cell, a missing lab) compares False
+        if out_of_range.any():
+            i, j = (int(v) for v in np.argwhere(out_of_range)[0])
+            ids = ", ".join(f"{c} {df[c].iloc[i]}" for c in dict.fromkeys([cfg.key_column, "subject_id"]) if c in cols)
+            raise DataError(f"labs CSV {path}: line {i + 2} (row {i}: {ids}), column {labs[j] + suf!r}: "
+                            f"percentile {df[labs[j] + suf].iloc[i]} is outside [0, 1]; allowed: a number in [0, 1] "
+                            "or an empty cell")
         rows: dict[str, int] = {}
         for i, k in enumerate(df[cfg.key_column].tolist()):
             if k is None or (isinstance(k, float) and math.isnan(k)) or not str(k).strip():

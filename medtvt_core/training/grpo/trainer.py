@@ -1,6 +1,6 @@
 """GRPO (stage 3, RFT) as a ``transformers.Trainer``, in the manner of TRL's ``GRPOTrainer``.
 
-Why not ``trl.GRPOTrainer`` itself (SPEC, "Environment facts"): it carries only image fields
+Why not ``trl.GRPOTrainer`` itself (docs/method.md, "Environment facts"): it carries only image fields
 through generation and log-prob computation, so modality features/tokens cannot reach our model,
 and with ``beta > 0`` it rebuilds its reference from the model's hub id (or, with peft, uses the
 base with the adapter disabled: not the SFT model).  So the trainer is ours, built the way TRL's
@@ -55,7 +55,7 @@ def frozen_reference(model: nn.Module, *, share_frozen: bool = True) -> nn.Modul
     """Deep copy of ``model`` with every parameter frozen, in eval mode: pi_ref = the SFT model.
 
     Call it on the SFT model *before* RFT. With LoRA this keeps the trained SFT adapter (and the
-    MPL weights) in the copy; the base with the adapter disabled would be the pre-SFT model (SPEC).
+    MPL weights) in the copy; the base with the adapter disabled would be the pre-SFT model (docs/method.md, "GRPO").
     With ``share_frozen`` the parameters already frozen (LLM base, encoders) are shared, not copied:
     they never change during RFT, so the reference costs about the size of LoRA + MPL. Without it
     (FSDP/DeepSpeed shard or flatten the policy's parameters) the copy is a full second model.
