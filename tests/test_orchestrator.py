@@ -327,8 +327,9 @@ def test_eval_by_available_modalities_matches_a_split_with_the_modalities_remove
     cfg["data"]["root"] = str(root)
     (c / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    ra, rc = medtvt_all(("eval", "--run", a, "--quiet", "--set", "eval.modality_subsets=all-singles"),
-                        ("eval", "--run", c, "--quiet", "--modalities", "ecg,lab"))
+    ra, rc = medtvt_all(("eval", "--run", a, "--quiet", "--set", "eval.modality_subsets=all-singles",
+                         "--set", "eval.attribution=false"),
+                        ("eval", "--run", c, "--quiet", "--modalities", "ecg,lab", "--set", "eval.attribution=false"))
     sa, sc = json.loads(ok(ra).stdout), json.loads(ok(rc).stdout)
     table = json.loads((a / "metrics.json").read_text())["stages"]["rft"]["subsets"]
     assert table["subsets"] == ["all", "ecg", "cxr", "lab"] and sa["subsets"]["ecg"]["f1"] == table["rows"]["ecg"]["f1"]

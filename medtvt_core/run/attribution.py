@@ -4,8 +4,8 @@ For a modality ``m`` the model is run again with ``m`` masked, exactly as an abs
 presented to it (its tokens left out of the fusion, its placeholder replaced by
 ``"(<m> not available)"``), and the reports are generated again: a change in whether a disease is
 named goes through the whole report, reasoning included, unlike a teacher-forced score of a
-fixed answer.  The model never saw masked inputs in SFT, so this is an occlusion test of the
-trained model, not a property of the data.
+fixed answer.  Unless it trained with modality dropout (docs/partial_patients.md), the model never
+saw masked inputs, so this is an occlusion test of the trained model, not a property of the data.
 
 * :func:`dataset_attribution` (``report.md``): per disease, among test records whose reference
   holds it, the share whose greedy report names it with every modality, and without each one.

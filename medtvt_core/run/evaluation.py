@@ -241,7 +241,8 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     """``medtvt eval``: a saved model (``model_dir``, or the stage of ``run_dir``) on a split.
 
     With ``run_dir`` the run's own test split, feature cache and evaluation settings are used (so
-    the numbers of its ``metrics.json`` are reproduced) and its ``metrics.json`` is updated.
+    the numbers of its ``metrics.json`` are reproduced, the last stage's attributions included) and its
+    ``metrics.json`` is updated.
     """
     from ..config import resolve_config
     from ..data.cache import FeatureCache, encode_dataset
@@ -283,6 +284,13 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
                          train_answers=[r.answer for r in splits["train"].records] if "train" in splits else (),
                          predictions_path=(Path(run_dir) / "eval" / pred_name) if run_dir else None,
                          progress=progress, sampling=cfg.rft, seed=cfg.seed, records_out=records)
+    if run_dir is not None and cfg.eval.attribution and stage == cfg.stages[-1] and len(model.modalities) > 1:
+        from .attribution import dataset_attribution, gate_check
+
+        masked = test if key is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
+        res["attribution"] = dataset_attribution(model, processor, masked, batch_size=cfg.eval.batch_size,
+                                                 max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit)
+        res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
     if cfg.eval.modality_subsets:
         from .subsets import subsets_of_config
 
