@@ -123,13 +123,17 @@ def ablate_cmd(preset, config_file, fusion, modalities, rewards, stages, output_
 @click.option("--data", "data_root", type=click.Path(file_okay=False, exists=True), help="Dataset root (with --model).")
 @click.option("--split", default="test", show_default=True, help="Split of --data: its manifest's QA file, or qa/disease_<split>.json.")
 @click.option("--set", "sets", multiple=True, metavar="eval.KEY=VALUE", help="Evaluation overrides, e.g. eval.limit=20.")
+@click.option("--modalities", "given", help="Evaluate with only these modalities given, e.g. ecg,lab (the others "
+                                            "absent, as diagnose presents a missing one); same as --set eval.modalities=...")
 @click.option("--quiet", is_flag=True)
-def eval_cmd(run_dir, stage, model_dir, data_root, split, sets, quiet) -> None:
+def eval_cmd(run_dir, stage, model_dir, data_root, split, sets, given, quiet) -> None:
     """Evaluate a saved model on a QA split (clinical efficacy, NLG metrics, rewards).
 
     \b
       medtvt eval --run runs/demo --stage sft          # the run's test split; updates its metrics.json
       medtvt eval --model runs/demo/rft/final --data data/synth --split test
+      medtvt eval --run runs/demo --modalities ecg,lab # kept apart in metrics.json (by_modalities)
+      medtvt eval --run runs/demo --set eval.modality_subsets=all-singles   # table in report.md
     """
     from medtvt_core.run.evaluation import evaluate_saved
 
@@ -143,6 +147,8 @@ def eval_cmd(run_dir, stage, model_dir, data_root, split, sets, quiet) -> None:
         raise ConfigError("--model needs --data ROOT (the dataset to evaluate on)")
     if run_dir and data_root:
         raise ConfigError("--data goes with --model; --run evaluates on the run's own test split")
+    if given:
+        sets = (*sets, f"eval.modalities={given}")
     # stdout carries the JSON summary only
     with contextlib.redirect_stdout(sys.stderr):
         summary = evaluate_saved(run_dir=Path(run_dir) if run_dir else None, stage=stage,
@@ -213,6 +219,8 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
+    if res.get("notice"):
+        click.echo(res["notice"])
     click.echo(res["report"])
     click.echo("diseases: " + ("; ".join(res["diseases"]) if res["diseases"] else
                                "(none)" if res["diseases"] is not None else "(no <answer> block)"))

@@ -78,6 +78,18 @@ class PromptConfig(_Strict):
                                           "pinned by default, so a prompt never holds today's date")
 
 
+_DROPOUT_DOC = ("modality dropout: per training sample, each modality m it has is left out with probability "
+                "modality_dropout[m], exactly as an absent modality (masked, placeholder replaced by "
+                "'(<m> not available)'), at least one kept (docs/partial_patients.md); {} = off, as the reference")
+
+
+def _check_dropout(v: dict[str, float]) -> dict[str, float]:
+    for m, p in v.items():
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"modality_dropout.{m}: {p} is not a probability in [0, 1)")
+    return {m: float(p) for m, p in v.items()}
+
+
 class StageConfig(_Strict):
     epochs: float = Field(20, gt=0, description="training epochs")
     max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: epochs decide)")
@@ -93,6 +105,13 @@ class StageConfig(_Strict):
     train_extras: bool = Field(True, description="also train LLM norms, biases and token embeddings (reference)")
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: each epoch)")
+    modality_dropout: dict[str, float] = Field(
+        default_factory=dict, description=_DROPOUT_DOC)
+
+    @field_validator("modality_dropout")
+    @classmethod
+    def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_dropout(v)
 
 
 class RFTConfig(_Strict):
@@ -128,6 +147,13 @@ class RFTConfig(_Strict):
     max_completion_length: int = Field(600, ge=1)
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
+    modality_dropout: dict[str, float] = Field(
+        default_factory=dict, description=_DROPOUT_DOC + "; one draw per prompt, shared by its G completions")
+
+    @field_validator("modality_dropout")
+    @classmethod
+    def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_dropout(v)
 
 
 class RewardRef(_Strict):
@@ -155,6 +181,30 @@ class EvalConfig(_Strict):
     wordnet_dir: Path | None = Field(None, description="NLTK data dir with corpora/wordnet (METEOR)")
     bertscore_model: Path | None = Field(None, description="local checkpoint for BERTScore (e.g. roberta-large)")
     bertscore_layers: int | None = Field(None, ge=1)
+    modalities: list[str] | None = Field(
+        None, description="evaluate with only these modalities given (the others masked as absent, as `medtvt "
+                          "diagnose` does); None: every modality of the run; 'ecg+lab' or 'ecg,lab' also accepted")
+    modality_subsets: list[str] | None = Field(
+        None, description="also evaluate the last stage on each subset of modalities and tabulate it against all "
+                          "of them (report.md, metrics.json `subsets`): 'all-singles', 'all-pairs', or a list such "
+                          "as [ecg+lab, cxr]; None: off")
+    evidence: dict[str, list[str]] | None = Field(
+        None, description="disease -> modalities carrying its evidence, for the per-disease rows of the subset "
+                          "table; None: the dataset manifest's `evidence` table (the synthetic cohort has one)")
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _eval_modalities(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "ecg+lab", "ecg,lab" (a grid value or --set); "all": every modality
+            return None if v.strip() in ("all", "") else [s.strip() for s in v.replace("+", ",").split(",") if s.strip()]
+        return v
+
+    @field_validator("modality_subsets", mode="before")
+    @classmethod
+    def _subsets(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "all-singles", or "ecg+lab,cxr"
+            return [s.strip() for s in v.split(",") if s.strip()] or None
+        return v
 
 
 def _default_encoders() -> dict[str, PluginRef]:
@@ -226,6 +276,39 @@ class RunConfig(_Strict):
             raise ValueError(f"projector.normalize_input names {', '.join(unknown)}, which has no encoder; "
                              f"allowed: true, false or a list of {', '.join(self.encoders)}")
         return self
+
+    @model_validator(mode="after")
+    def _partial_modalities(self) -> "RunConfig":
+        for s in STAGES:
+            bad = [m for m in getattr(self, s).modality_dropout if m not in self.modalities]
+            if bad:
+                raise ValueError(f"{s}.modality_dropout: {bad[0]!r} is not a modality of the run "
+                                 f"(allowed: {', '.join(self.modalities)})")
+        if self.eval.modalities is not None:
+            expand_subsets([",".join(self.eval.modalities)], self.modalities, where="eval.modalities")
+        if self.eval.modality_subsets:
+            expand_subsets(self.eval.modality_subsets, self.modalities)
+        return self
+
+
+def expand_subsets(spec: list[str], modalities: list[str], where: str = "eval.modality_subsets") -> list[tuple[str, ...]]:
+    """Modality subsets of ``spec`` (``all-singles``, ``all-pairs``, ``ecg+lab``, ...) in run order, each
+    non-empty and proper or whole, without repeats; ValueError (one line) otherwise."""
+    import itertools
+
+    out: list[tuple[str, ...]] = []
+    for item in spec:
+        if item in ("all-singles", "all-pairs"):
+            k = 1 if item == "all-singles" else 2
+            out += [c for c in itertools.combinations(modalities, k) if len(c) < len(modalities)]
+            continue
+        names = [n.strip() for n in item.replace(",", "+").split("+") if n.strip()]
+        bad = [n for n in names if n not in modalities]
+        if not names or bad or len(set(names)) != len(names):
+            raise ValueError(f"{where}: {item!r} is not a subset of the run's modalities "
+                             f"({', '.join(modalities)}); allowed: all-singles, all-pairs, or names joined by '+'")
+        out.append(tuple(m for m in modalities if m in names))
+    return list(dict.fromkeys(out))
 
 
 # --------------------------------------------------------------------------- loading

@@ -295,6 +295,65 @@ def test_diagnose_one_patient_without_labs(full_run, cohort):
     assert text.stdout.startswith(res["report"]) and "modality weights (CAO gates): " in text.stdout
 
 
+def test_eval_by_available_modalities_matches_a_split_with_the_modalities_removed(full_run, cohort, tmp_path):
+    """``eval.modality_subsets=all-singles`` writes the table (metrics.json, report.md, plot); its ``ecg``
+    row equals ``eval --modalities ecg,lab`` of a copy of the test split in which the radiograph and
+    the labs are removed the way the product removes them (field dropped, placeholder replaced by
+    ``(<m> not available)``): an independent path to the same reports."""
+    # the demo preset trains with modality dropout, and the model says so in its config
+    meta = json.loads((full_run.out / "rft" / "final" / "config.json").read_text())
+    assert set(meta["modality_dropout"]) == {"sft", "rft"} and meta["modality_dropout"]["sft"]["lab"] > 0
+    a, c = tmp_path / "a", tmp_path / "c"
+    for d in (a, c):
+        shutil.copytree(full_run.out, d, ignore=shutil.ignore_patterns("checkpoint-*"))
+    # run c reads a copy of the cohort whose test split lacks CXR and labs (other files linked, not copied)
+    root = tmp_path / "data"
+    root.mkdir()
+    for p in cohort.iterdir():
+        if p.name != "qa":
+            (root / p.name).symlink_to(p)
+    (root / "qa").mkdir()
+    for p in (cohort / "qa").iterdir():
+        (root / "qa" / p.name).symlink_to(p)
+    (root / "qa" / "disease_test.json").unlink()
+    recs = json.loads((cohort / "qa" / "disease_test.json").read_text())
+    for r in recs:
+        del r["image"], r["lab"]
+        for ph, name in (("<cxr>", "cxr"), ("<lab>", "lab")):
+            assert r["messages"][0]["content"].count(ph) == 1
+            r["messages"][0]["content"] = r["messages"][0]["content"].replace(ph, f"({name} not available)")
+    (root / "qa" / "disease_test.json").write_text(json.dumps(recs))
+    cfg = yaml.safe_load((c / "config.yaml").read_text())
+    cfg["data"]["root"] = str(root)
+    (c / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    ra, rc = medtvt_all(("eval", "--run", a, "--quiet", "--set", "eval.modality_subsets=all-singles",
+                         "--set", "eval.attribution=false"),
+                        ("eval", "--run", c, "--quiet", "--modalities", "ecg,lab", "--set", "eval.attribution=false"))
+    sa, sc = json.loads(ok(ra).stdout), json.loads(ok(rc).stdout)
+    table = json.loads((a / "metrics.json").read_text())["stages"]["rft"]["subsets"]
+    assert table["subsets"] == ["all", "ecg", "cxr", "lab"] and sa["subsets"]["ecg"]["f1"] == table["rows"]["ecg"]["f1"]
+    # the full-input row is the run's own evaluation
+    assert table["rows"]["all"]["f1"] == full_run.metrics["stages"]["rft"]["ce"]["f1"] == sa["f1"]
+    row = table["rows"]["ecg"]
+    assert sc["modalities"] == ["ecg", "lab"]  # masked to ECG + labs; the copy has no labs: the ECG alone
+    assert row["f1"] == pytest.approx(sc["f1"], abs=1e-12)
+    assert row["reward"] == pytest.approx(sc["reward"], abs=1e-12)
+    # kept apart from the run's numbers: metrics.json by_modalities and its own predictions file
+    mc = json.loads((c / "metrics.json").read_text())
+    assert mc["stages"]["rft"] == full_run.metrics["stages"]["rft"] and mc["by_modalities"]["ecg+lab"]["rft"]["n"] == 4
+    assert (c / "eval" / "rft-ecg+lab.jsonl").is_file()
+    # per disease: F1 with only its evidence modalities (the cohort's manifest) against all of them
+    assert table["evidence_source"] == "medtvt_dataset.json evidence"
+    assert table["per_disease"]["Atrial Fibrillation"]["evidence"] == ["ecg"]
+    assert table["per_disease"]["Atrial Fibrillation"]["f1_evidence_only"] == row["per_disease_f1"]["Atrial Fibrillation"]
+    assert table["per_disease"]["Sepsis"]["f1_evidence_only"] is None  # ecg+lab was not asked for
+    assert row["evidence_diseases"] == ["Coronary Artery Disease", "Atrial Fibrillation"]
+    rep = (a / "report.md").read_text()
+    assert "## Evaluation by available modalities" in rep and "| ecg | " in rep
+    assert (a / "modality_subsets.png").stat().st_size > 1000
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_plugin_names_are_one_line_errors(tmp_path, tiny_config):
     out = tmp_path / "never"

@@ -37,6 +37,12 @@ log = logging.getLogger("medtvt.data")
 OnBad = Literal["skip", "fail"]
 
 
+def absent_text(name: str) -> str:
+    """What replaces the placeholder of an absent modality in a prompt: the one rule used by training,
+    modality dropout, evaluation by subsets, attribution and ``medtvt diagnose``."""
+    return f"({name} not available)"
+
+
 @dataclass(frozen=True)
 class SkippedSample:
     """A record left out of training or evaluation, and why."""
@@ -92,6 +98,11 @@ class QADataset(torch.utils.data.Dataset):
         self.on_bad_sample: OnBad = on_bad_sample
         self.seed = seed
         self.epoch = 0
+        #: Modalities absent for every sample (evaluation by available modalities).
+        self.withheld: frozenset[str] = frozenset()
+        #: Modality dropout ``{modality: p}`` and the salt of its draws (the stage); see :meth:`absent_of`.
+        self.dropout: dict[str, float] = {}
+        self.dropout_salt = ""
         self.skipped: list[SkippedSample] = list(skipped)
         self.encoders = {m: e for m, e in (encoders or {}).items() if m in self.modalities}
         self.cache: FeatureCache | None = None
@@ -188,6 +199,40 @@ class QADataset(torch.utils.data.Dataset):
         out.records = [r for r in self.records if id(r) in ids]
         return out
 
+    def masked(self, *, withheld: Sequence[str] = (), dropout: Mapping[str, float] | None = None,
+               salt: str = "") -> "QADataset":
+        """The same dataset with modalities ``withheld`` absent for every sample and, when ``dropout``
+        is given, modality dropout (see :meth:`absent_of`; ``salt``, e.g. the stage, varies its draws)."""
+        import copy
+
+        bad = [m for m in [*withheld, *(dropout or {})] if m not in self.modalities]
+        if bad:
+            raise ConfigError(f"modality {bad[0]!r} is not in use (modalities: {', '.join(self.modality_names)})")
+        out = copy.copy(self)
+        out.withheld = frozenset(withheld)
+        out.dropout = {m: float(p) for m, p in (dropout or {}).items() if p > 0}
+        out.dropout_salt = salt
+        return out
+
+    def absent_of(self, index: int) -> frozenset[str]:
+        """Modalities in use that sample ``index`` presents as absent: the withheld ones, and those that
+        modality dropout leaves out. Dropout draws, per modality the record has, ``u < p[m]`` from a
+        generator of (seed, epoch, index, salt), never the global RNG; when it would leave out every
+        modality the record has, one of them (drawn by the same generator) is kept."""
+        rec = self.records[index]
+        gone = set(self.withheld)
+        if self.dropout:
+            have = [m for m in self.modality_names
+                    if m not in gone and rec.ref(self.modalities[m].record_field) is not None]
+            if len(have) > 1:
+                g = self._generator(index, f"modality-dropout:{self.dropout_salt}")
+                u = torch.rand(len(have), generator=g).tolist()
+                drop = [m for m, x in zip(have, u) if x < self.dropout.get(m, 0.0)]
+                if len(drop) == len(have):  # the floor: one modality is kept
+                    drop.pop(int(torch.randint(len(drop), (1,), generator=g)))
+                gone.update(drop)
+        return frozenset(gone)
+
     def set_epoch(self, epoch: int) -> None:
         """Random views (training crops) depend on (seed, epoch, index, modality), not on worker state."""
         self.epoch = int(epoch)
@@ -196,11 +241,14 @@ class QADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def prompt_of(self, rec: QARecord) -> str:
+    def prompt_of(self, rec: QARecord, absent: frozenset[str] = frozenset()) -> str:
+        """The question with the placeholder of every modality absent for the sample (not in use, not
+        in the record, or in ``absent``) replaced by :func:`absent_text`."""
         q = rec.question
         for name, cls in self._all.items():
-            if cls.placeholder in q and (name not in self.modalities or rec.ref(cls.record_field) is None):
-                q = q.replace(cls.placeholder, f"({name} not available)")
+            if cls.placeholder in q and (name not in self.modalities or name in absent
+                                         or rec.ref(cls.record_field) is None):
+                q = q.replace(cls.placeholder, absent_text(name))
         return q
 
     def _generator(self, index: int, modality: str) -> torch.Generator:
@@ -209,12 +257,13 @@ class QADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         rec = self.records[index]
+        absent = self.absent_of(index) if (self.withheld or self.dropout) else frozenset()
         present: dict[str, bool] = {}
         inputs: dict[str, torch.Tensor] = {}
         features: dict[str, torch.Tensor] = {}
         for name in self.modality_names:
             mod = self.modalities[name]
-            ref = rec.ref(mod.record_field)
+            ref = rec.ref(mod.record_field) if name not in absent else None
             present[name] = ref is not None
             if ref is None:
                 continue
@@ -235,7 +284,7 @@ class QADataset(torch.utils.data.Dataset):
                     raise DataError(f"{rec.where} ({rec.id}): {reason}") from None
                 self._skip(rec, reason)
                 return None
-        return {"id": rec.id, "prompt": self.prompt_of(rec), "answer": rec.answer,
+        return {"id": rec.id, "prompt": self.prompt_of(rec, absent), "answer": rec.answer,
                 "labels": parse_answer(rec.answer) or [], "present": present, "inputs": inputs, "features": features}
 
     def collator(self) -> "Collator":

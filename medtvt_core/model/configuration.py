@@ -46,6 +46,8 @@ class MedTVTConfig(PretrainedConfig):
     * ``stage``: the stage the weights were last configured for (``"pt"`` runs without fusion).
     * ``extras_trained``: LLM norms / biases / embeddings were trained (so they are saved).
     * ``lora_merged``: the LoRA adapter was folded into the LLM weights (no adapter is built).
+    * ``modality_dropout``: stage -> ``{modality: p}`` of the modality dropout each stage trained with
+      (``{}``: never trained with a missing modality; see :attr:`trained_for_missing_modalities`).
     * ``weight_references``: files the frozen weights are read from instead of being copied
       (``{"component", "path", "sha256", "bytes"}``), checked when the model is loaded.
     """
@@ -59,6 +61,7 @@ class MedTVTConfig(PretrainedConfig):
                  placeholder_token_ids: dict[str, int] | None = None, stage: str | None = None,
                  extras_trained: bool = False, lora_merged: bool = False,
                  weight_references: list[dict[str, Any]] | None = None,
+                 modality_dropout: dict[str, dict[str, float]] | None = None,
                  medtvt_format_version: int = FORMAT_VERSION, **kwargs: Any):
         self.modalities = list(modalities or [])
         self.encoders = {m: _ref(r, "") for m, r in (encoders or {}).items()}
@@ -75,12 +78,18 @@ class MedTVTConfig(PretrainedConfig):
         self.extras_trained = bool(extras_trained)
         self.lora_merged = bool(lora_merged)
         self.weight_references = list(weight_references or [])
+        self.modality_dropout = {s: {m: float(p) for m, p in d.items()} for s, d in (modality_dropout or {}).items()}
         self.medtvt_format_version = int(medtvt_format_version)
         super().__init__(**kwargs)
 
     @property
     def tokens_per_modality(self) -> int:
         return int(self.projector["tokens_per_modality"])
+
+    @property
+    def trained_for_missing_modalities(self) -> bool:
+        """Some stage trained with modality dropout, so the model has seen absent modalities."""
+        return any(p > 0 for d in self.modality_dropout.values() for p in d.values())
 
     @property
     def uses_fusion(self) -> bool:

@@ -189,6 +189,12 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         atomic_write_text(out / "stages.md", stage_md[0])
     else:
         (out / "stages.md").unlink(missing_ok=True)  # never leave an earlier run's table behind
+    for name, per_seed in metrics.items():  # eval.modality_subsets: the subset table over seeds
+        subs = {s: m["subsets"] for s, m in per_seed.items() if m.get("subsets")}
+        if subs:
+            from .subsets import aggregate_subsets
+
+            lines += ["", f"Variant `{name}`:", ""] + aggregate_subsets(subs)
     lines += ["", f"Tables: [{md_path.name}]({md_path.name}), [{csv_path.name}]({csv_path.name}).", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     write_json(out / "ablation.json", {"summary": summary.to_dict(), "metrics": metrics})

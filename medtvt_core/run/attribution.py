@@ -4,8 +4,8 @@ For a modality ``m`` the model is run again with ``m`` masked, exactly as an abs
 presented to it (its tokens left out of the fusion, its placeholder replaced by
 ``"(<m> not available)"``), and the reports are generated again: a change in whether a disease is
 named goes through the whole report, reasoning included, unlike a teacher-forced score of a
-fixed answer.  The model never saw masked inputs in SFT, so this is an occlusion test of the
-trained model, not a property of the data.
+fixed answer.  Unless it trained with modality dropout (docs/partial_patients.md), the model never
+saw masked inputs, so this is an occlusion test of the trained model, not a property of the data.
 
 * :func:`dataset_attribution` (``report.md``): per disease, among test records whose reference
   holds it, the share whose greedy report names it with every modality, and without each one.
@@ -24,10 +24,18 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..answers import answer_set
+from ..data.dataset import absent_text
 from ..data.labels import DISEASES
 from ..model.generation import generate_reports
 
-__all__ = ["mask_modality", "dataset_attribution", "patient_attribution"]
+__all__ = ["mask_modality", "dataset_attribution", "patient_attribution", "gate_check", "GATE_CRITERION"]
+
+#: When the CAO gates count as informative (report.md says so in words when they are not).
+GATE_CRITERION = ("the gates are informative when (1) fewer than half of the (disease, modality) gate means "
+                  "are saturated (above 0.95 or below 0.05), (2) they vary between diseases (mean over "
+                  "modalities of the range of a modality's gate across diseases >= 0.05), and (3) they rank the "
+                  "(disease, modality) pairs like the counterfactual drop does: Spearman rho > 0 with one-sided "
+                  "p < 0.05")
 
 
 def mask_modality(batch: Mapping[str, Any], modalities: Sequence[str], placeholders: Mapping[str, str],
@@ -37,7 +45,7 @@ def mask_modality(batch: Mapping[str, Any], modalities: Sequence[str], placehold
     mask = batch["modality_mask"].clone()
     mask[:, j] = False
     drop = lambda d: {k: v for k, v in (d or {}).items() if k != m}  # noqa: E731
-    prompts = [p.replace(placeholders[m], f"({m} not available)") for p in batch["prompts"]]
+    prompts = [p.replace(placeholders[m], absent_text(m)) for p in batch["prompts"]]
     return {**batch, "prompts": prompts, "modality_mask": mask, "modality_inputs": drop(batch.get("modality_inputs")),
             "modality_features": drop(batch.get("modality_features"))}
 
@@ -114,3 +122,41 @@ def patient_attribution(model: Any, processor: Any, batch: Mapping[str, Any], re
             "samples": samples, "p_named": p, "p_named_without": pw,
             "delta": {d: {m: p[d] - pw[m][d] for m in pw} for d in p},
             "other_names": sum(bool(s - set(diseases)) for s in reports)}
+
+
+def gate_check(weights: Mapping[str, Mapping[str, float]], attribution: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Whether the mean CAO gates per (disease, modality) say what the counterfactual drops say
+    (:data:`GATE_CRITERION`): ``{"pairs", "saturated_share", "spread", "spearman_rho", "spearman_p",
+    "informative", "criterion"}``; None without gates or attributions to compare."""
+    from scipy.stats import spearmanr
+
+    per = (attribution or {}).get("per_disease", {})
+    pairs = [(float(w[m]), float(per[d]["delta"][m])) for d, w in weights.items() if d in per
+             for m in w if m in per[d].get("delta", {})]
+    if len(pairs) < 3:
+        return None
+    gates = [g for g, _ in pairs]
+    drops = [x for _, x in pairs]
+    sat = sum(g > 0.95 or g < 0.05 for g in gates) / len(gates)
+    mods = sorted({m for w in weights.values() for m in w})
+    ranges = [max(v) - min(v) for m in mods if len(v := [w[m] for w in weights.values() if m in w]) > 1]
+    spread = sum(ranges) / len(ranges) if ranges else 0.0
+    rho = p = None
+    if len(set(gates)) > 1 and len(set(drops)) > 1:
+        r = spearmanr(gates, drops, alternative="greater")
+        rho, p = float(r.statistic), float(r.pvalue)
+    ok = sat < 0.5 and spread >= 0.05 and rho is not None and rho > 0 and p is not None and p < 0.05
+    return {"pairs": len(pairs), "saturated_share": sat, "spread": spread, "spearman_rho": rho, "spearman_p": p,
+            "informative": ok, "criterion": GATE_CRITERION}
+
+
+def gate_sentence(check: Mapping[str, Any]) -> str:
+    """One sentence for report.md: whether the gates are informative, with the numbers."""
+    rho = "undefined (constant gates or drops)" if check["spearman_rho"] is None else \
+        f"{check['spearman_rho']:+.2f} (one-sided p = {check['spearman_p']:.3f})"
+    nums = (f"{check['saturated_share']:.0%} of the {check['pairs']} (disease, modality) gate means saturated, "
+            f"spread across diseases {check['spread']:.3f}, Spearman rho between gate and drop when masked {rho}")
+    if check["informative"]:
+        return f"The CAO gates are informative by the criterion below: {nums}. Criterion: {check['criterion']}."
+    return (f"The CAO gates are not informative: they do not say which modality a diagnosis used ({nums}); read "
+            f"the masking columns instead. Criterion: {check['criterion']}.")

@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError
 from ..model.generation import generate_reports
 from .layout import FINAL
 
-__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch"]
+__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch", "missing_notice"]
 
 
 def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
@@ -57,6 +57,8 @@ def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Ma
                   question: str | None = None) -> dict[str, Any]:
     """The batch of one patient: ``inputs`` maps modality -> (value, extra options) as given on the
     command line; absent modalities are masked and their placeholders replaced by text."""
+    from ..data.dataset import absent_text
+
     unknown = [m for m in inputs if m not in model.modalities]
     if unknown:
         raise ConfigError(f"--{unknown[0]}: the model has no {unknown[0]} modality "
@@ -72,7 +74,7 @@ def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Ma
     for j, m in enumerate(model.modalities):
         ph = processor.placeholders[m]
         if m not in inputs:
-            q = q.replace(ph, f"({m} not available)")
+            q = q.replace(ph, absent_text(m))
             continue
         if q.count(ph) != 1:
             raise ConfigError(f"--question must hold the placeholder {ph} once for the given --{m} input")
@@ -90,6 +92,15 @@ def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Ma
     return {"prompts": [q], "modality_mask": mask, "modality_inputs": tensors, "modality_features": {}}
 
 
+def missing_notice(model: Any, given: Any) -> str | None:
+    """One line when modalities are absent and the model was not trained for that (no modality dropout)."""
+    absent = [m for m in model.modalities if m not in given]
+    if not absent or getattr(model.config, "trained_for_missing_modalities", False):
+        return None
+    return (f"note: this model was not trained for missing modalities (no modality dropout); without "
+            f"{', '.join(absent)} its report may be unreliable or malformed")
+
+
 @torch.no_grad()
 def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]], *,
              question: str | None = None, max_new_tokens: int | None = None,
@@ -97,7 +108,9 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     """Report, disease set, modality weights and (optionally) per-disease attributions of one patient.
 
     Returns ``{"report", "diseases" (None without a valid answer block), "modality_weights"
-    (None when the fusion weighs none), "attribution", "modalities_given", "question"}``.
+    (None when the fusion weighs none), "attribution", "modalities_given", "question", "notice"}``;
+    ``notice`` is one line when a modality is absent and the model never trained with one missing
+    (no modality dropout saved in its config), else None.
     """
     from ..answers import answer_set
 
@@ -108,7 +121,8 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
                                       if bool(batch["modality_mask"][0, j])}
     found = answer_set(text)
     out = {"report": text, "diseases": sorted(found) if found is not None else None, "modality_weights": weights,
-           "modalities_given": [m for m in model.modalities if m in inputs], "question": batch["prompts"][0]}
+           "modalities_given": [m for m in model.modalities if m in inputs], "question": batch["prompts"][0],
+           "notice": missing_notice(model, inputs)}
     if attribution:
         from .attribution import patient_attribution
 

@@ -185,16 +185,29 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
 
 def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *, rewards: Sequence[Any] = (),
                    train_answers: Sequence[str] = (), predictions_path: Path | None = None,
-                   progress: bool = True, sampling: Any = None, seed: int = 0) -> dict[str, Any]:
+                   progress: bool = True, sampling: Any = None, seed: int = 0,
+                   records_out: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Generate the split's reports, write them to ``predictions_path`` (JSON lines) and score them.
 
     ``sampling`` (an ``RFTConfig``): also the mean rewards of ``cfg.sampled_reward_samples`` sampled
-    reports per record at its temperature and top-p (``reward_sampled``)."""
+    reports per record at its temperature and top-p (``reward_sampled``). ``records_out`` receives the
+    generated reports. With ``cfg.modalities`` the others are absent (``modalities`` in the result)."""
+    if cfg.modalities is not None:
+        unknown = [m for m in cfg.modalities if m not in dataset.modality_names]
+        if unknown:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"eval.modalities: the model has no {unknown[0]!r} modality "
+                              f"(modalities: {', '.join(dataset.modality_names)})")
+        dataset = dataset.masked(withheld=[m for m in dataset.modality_names if m not in cfg.modalities])
     records = generate_reports(model, processor, dataset, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                do_sample=cfg.do_sample, limit=cfg.limit, progress=progress)
     if predictions_path is not None:
         write_predictions(records, predictions_path)
+    if records_out is not None:
+        records_out.extend(records)
     res = evaluate_records(records, cfg, train_answers=train_answers)
+    res["modalities"] = [m for m in dataset.modality_names if m not in dataset.withheld]
     if rewards:
         res["reward"] = mean_rewards(records, rewards)
         if sampling is not None and cfg.sampled_reward_samples:
@@ -216,7 +229,8 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     """``medtvt eval``: a saved model (``model_dir``, or the stage of ``run_dir``) on a split.
 
     With ``run_dir`` the run's own test split, feature cache and evaluation settings are used (so
-    the numbers of its ``metrics.json`` are reproduced) and its ``metrics.json`` is updated.
+    the numbers of its ``metrics.json`` are reproduced, the last stage's attributions included) and its
+    ``metrics.json`` is updated.
     """
     from ..config import resolve_config
     from ..data.cache import FeatureCache, encode_dataset
@@ -248,19 +262,48 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
         test.attach_cache(dict(model.encoders), FeatureCache(cache_dir))
         encode_dataset(test, batch_size=32)
     stage = stage or Path(model_dir).parent.name
+    # An evaluation with fewer modalities is kept apart: it never replaces the run's own numbers.
+    key = None if cfg.eval.modalities is None else "+".join(m for m in test.modality_names if m in cfg.eval.modalities)
+    pred_name = f"{stage}.jsonl" if key is None else f"{stage}-{key}.jsonl"
+    records: list[dict[str, Any]] = []
     res = evaluate_model(model, processor, test, cfg.eval, rewards=cfg.rewards,
                          train_answers=[r.answer for r in splits["train"].records] if "train" in splits else (),
-                         predictions_path=(Path(run_dir) / "eval" / f"{stage}.jsonl") if run_dir else None,
-                         progress=progress, sampling=cfg.rft, seed=cfg.seed)
+                         predictions_path=(Path(run_dir) / "eval" / pred_name) if run_dir else None,
+                         progress=progress, sampling=cfg.rft, seed=cfg.seed, records_out=records)
+    if run_dir is not None and cfg.eval.attribution and stage == cfg.stages[-1] and len(model.modalities) > 1:
+        from .attribution import dataset_attribution, gate_check
+
+        masked = test if key is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
+        res["attribution"] = dataset_attribution(model, processor, masked, batch_size=cfg.eval.batch_size,
+                                                 max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit)
+        res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
+    if cfg.eval.modality_subsets:
+        from .subsets import subsets_of_config
+
+        res["subsets"] = subsets_of_config(model, processor, test, cfg, full_records=records, data_root=root,
+                                           progress=progress)
     if run_dir is not None:
         path = Path(run_dir) / "metrics.json"
         summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-        summary.setdefault("stages", {})[stage] = res
-        if "baseline" in res:
-            summary["baseline"] = res["baseline"]
+        if key is None:
+            summary.setdefault("stages", {})[stage] = res
+            if "baseline" in res:
+                summary["baseline"] = res["baseline"]
+        else:
+            summary.setdefault("by_modalities", {}).setdefault(key, {})[stage] = res
         write_json(path, summary)
+        if key is None and res.get("subsets"):  # report.md shows the new table
+            from .report import write_report
+
+            hist = Path(run_dir) / "history.json"
+            write_report(Path(run_dir), cfg, summary, json.loads(hist.read_text()) if hist.is_file() else {})
     ce = res["ce"]
-    return {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
-            "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
-            "reward_sampled": {k: v for k, v in (res.get("reward_sampled") or {}).items() if k != "per_record"} or None,
-            "baseline_f1": res.get("baseline", {}).get("f1")}
+    out = {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
+           "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
+           "reward_sampled": {k: v for k, v in (res.get("reward_sampled") or {}).items() if k != "per_record"} or None,
+           "baseline_f1": res.get("baseline", {}).get("f1"), "modalities": res["modalities"]}
+    if res.get("subsets"):
+        out["subsets"] = {n: {"f1": r["f1"], "answer_rate": r["answer_rate"], "reward": r["reward"],
+                              "evidence_f1": r.get("evidence_f1"), "evidence_f1_all": r.get("evidence_f1_all")}
+                          for n, r in res["subsets"]["rows"].items()}
+    return out

@@ -57,7 +57,8 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
         "llm": dump["llm"],
         "prompt": dump["prompt"],
         "stages": upto,
-        **{s: dump[s] for s in upto},
+        # modality dropout off leaves the key as it was before the field existed (stored stages stay valid)
+        **{s: {k: v for k, v in dump[s].items() if k != "modality_dropout" or v} for s in upto},
     }
     if uses_fusion(upto):
         part["fusion"] = dump["fusion"]  # PT runs without fusion: its result does not depend on it
@@ -175,13 +176,12 @@ class Run:
     def stage_split(self, stage: str) -> Any:
         """The training records of ``stage``: PT's files; the disease-level split for SFT and RFT, less
         (SFT) or only (RFT) the records ``data.rft_holdout`` keeps for RFT."""
-        if stage == "pt":
-            return self.splits["pt"]
-        train = self.splits["train"]
-        if not self.holdout_ids:
-            return train
-        keep = [r for r in train.records if (r.id in self.holdout_ids) == (stage == "rft")]
-        return train.subset(keep)
+        ds = self.splits["pt"] if stage == "pt" else self.splits["train"]
+        if stage != "pt" and self.holdout_ids:
+            ds = ds.subset([r for r in ds.records if (r.id in self.holdout_ids) == (stage == "rft")])
+        drop = getattr(self.cfg, stage).modality_dropout
+        # Modality dropout presents a dropped modality exactly as an absent one (docs/partial_patients.md).
+        return ds.masked(dropout=drop, salt=stage) if any(drop.values()) else ds
 
     def _attach_cache(self) -> None:
         """Frozen features: encoded once by the main process (the others wait, then read)."""
@@ -298,6 +298,9 @@ class Run:
             # fusion layer: this variant's own starts here, from the same seed as a fresh model's.
             self.model.replace_fusion(cfg.fusion.model_dump(), cfg.seed)
         extras = getattr(cfg, stage).train_extras if stage != "rft" else cfg.sft.train_extras
+        drop = {m: p for m, p in getattr(cfg, stage).modality_dropout.items() if p > 0}
+        if drop:  # saved with the model: `medtvt diagnose` says when a model never saw a missing modality
+            self.model.config.modality_dropout = {**self.model.config.modality_dropout, stage: drop}
         names = configure_trainable(self.model, stage, train_extras=extras)
         resume = self.resume or self.stage_store is not None
         n_params = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
@@ -346,17 +349,28 @@ class Run:
 
         t0 = time.perf_counter()
         train = self.splits.get("train")
+        records: list[dict[str, Any]] = []
         res = evaluate_model(self.model, self.processor, self.splits["test"], self.cfg.eval,
                              rewards=self.cfg.rewards, train_answers=[r.answer for r in train.records] if train else (),
                              predictions_path=self.out / "eval" / f"{stage}.jsonl" if self.is_main else None,
-                             progress=self.progress, sampling=self.cfg.rft, seed=self.cfg.seed)
-        if self.cfg.eval.attribution and stage == self.cfg.stages[-1] and len(self.model.modalities) > 1:
-            from .attribution import dataset_attribution
+                             progress=self.progress, sampling=self.cfg.rft, seed=self.cfg.seed, records_out=records)
+        last = stage == self.cfg.stages[-1]
+        if self.cfg.eval.attribution and last and len(self.model.modalities) > 1:
+            from .attribution import dataset_attribution, gate_check
 
             e = self.cfg.eval
-            res["attribution"] = dataset_attribution(self.model, self.processor, self.splits["test"],
+            test = self.splits["test"]
+            if e.modalities is not None:
+                test = test.masked(withheld=[m for m in test.modality_names if m not in e.modalities])
+            res["attribution"] = dataset_attribution(self.model, self.processor, test,
                                                      batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                                      limit=e.limit)
+            res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
+        if last and self.cfg.eval.modality_subsets:
+            from .subsets import subsets_of_config
+
+            res["subsets"] = subsets_of_config(self.model, self.processor, self.splits["test"], self.cfg,
+                                               full_records=records, data_root=self.data_root, progress=self.progress)
         self.timings[f"eval_{stage}"] = time.perf_counter() - t0
         return res
 

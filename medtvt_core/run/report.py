@@ -154,8 +154,16 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
             sat = _saturation(w)
             if sat:
                 lines += ["", sat]
+            if stages[last].get("gate_check"):
+                from .attribution import gate_sentence
+
+                lines += ["", gate_sentence(stages[last]["gate_check"])]
             if img:
                 lines += ["", f"![modality attributions]({img})"]
+        if stages[last].get("subsets"):
+            from .subsets import plot_subsets, subsets_markdown
+
+            lines += [""] + subsets_markdown(stages[last]["subsets"], plot_subsets(out, stages[last]["subsets"], last))
         ref = {s_: m["by_protocol"]["reference"] for s_, m in stages.items() if "reference" in m.get("by_protocol", {})}
         if ref:
             lines += ["", "## Reference protocol (the reference code's evaluate.py; comparable with the paper's tables)", "",
