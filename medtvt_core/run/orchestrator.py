@@ -196,6 +196,15 @@ class Run:
             self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
             train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
             catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        if cfg.validation.fraction and "train" in self.splits and any(getattr(cfg, s).eval_steps for s in cfg.stages):
+            from .validation import carve_validation
+
+            rest, val = carve_validation(self.splits["train"].records, cfg.validation.fraction, cfg.seed)
+            if not val or not rest:
+                raise ConfigError(f"validation.fraction={cfg.validation.fraction} leaves {len(rest)} training and "
+                                  f"{len(val)} validation record(s); both need some")
+            self.splits["val"] = self.splits["train"].subset(val)
+            self.splits["train"] = self.splits["train"].subset(rest)
         if cfg.data.rft_holdout and "train" in self.splits:
             from ..data.dataset import holdout
 
@@ -337,6 +346,7 @@ class Run:
             # fusion layer: this variant's own starts here, from the same seed as a fresh model's.
             self.model.replace_fusion(cfg.fusion.model_dump(), cfg.seed)
         extras = getattr(cfg, stage).train_extras if stage != "rft" else cfg.sft.train_extras
+        callbacks = self._validation_callbacks(stage, sdir)
         names = configure_trainable(self.model, stage, train_extras=extras)
         resume = self.resume or self.stage_store is not None
         n_params = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
@@ -350,11 +360,12 @@ class Run:
             collator = SupervisedCollator(ds.collator(), self.processor, scfg.max_length)
             hist = run_supervised(self.model, ds, collator, scfg, sdir, seed=cfg.seed, device=cfg.device,
                                   num_workers=cfg.data.num_workers, resume=resume, processor=self.processor,
-                                  progress=self.progress)
+                                  progress=self.progress, callbacks=callbacks)
         else:
-            hist = self._run_rft(sdir, resume)
+            hist = self._run_rft(sdir, resume, callbacks)
         self.timings[stage] = time.perf_counter() - t0
         self.history[stage] = hist
+        self._keep_best(stage, sdir, hist)
         if self.is_main:  # the stage result, written atomically: a kill leaves no half-written final/
             tmp = sdir / f".{FINAL}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -363,9 +374,23 @@ class Run:
             write_json(sdir / "history.json", hist)
             shutil.rmtree(sdir / FINAL, ignore_errors=True)
             os.replace(tmp, sdir / FINAL)
+            from .validation import best_dirs
+
+            for p in best_dirs(sdir).values():  # final/ holds the chosen one now
+                shutil.rmtree(p, ignore_errors=True)
         self.barrier()
 
-    def _run_rft(self, sdir: Path, resume: bool) -> list[dict[str, Any]]:
+    def _validation_callbacks(self, stage: str, sdir: Path) -> list[Any]:
+        from .validation import make_callback
+
+        return make_callback(self, stage, sdir)
+
+    def _keep_best(self, stage: str, sdir: Path, hist: list[dict[str, Any]]) -> None:
+        from .validation import keep_best
+
+        keep_best(self, stage, sdir, hist)
+
+    def _run_rft(self, sdir: Path, resume: bool, callbacks: list[Any] = ()) -> list[dict[str, Any]]:
         from ..plugins import get_catalog
         from ..training.grpo import run_grpo
 
@@ -375,7 +400,7 @@ class Run:
         return run_grpo(self.model, self.processor, self.stage_split("rft"), cfg.rft, funcs,
                         reward_names=[r.name for r in cfg.rewards], reward_weights=[r.weight for r in cfg.rewards],
                         output_dir=sdir, seed=cfg.seed, device=cfg.device, resume=resume, progress=self.progress,
-                        on_log=self._rft_echo)
+                        on_log=self._rft_echo, callbacks=callbacks)
 
     def _rft_echo(self, logs: dict[str, Any]) -> None:
         if "reward" in logs:
@@ -441,6 +466,11 @@ class Run:
         base = next((m["baseline"] for m in self.metrics.values() if "baseline" in m), None)
         if base is not None:
             summary["baseline"] = base
+        from .validation import run_summary
+
+        val = run_summary(self)
+        if val:
+            summary["validation"] = val
         if self.is_main:
             write_json(self.out / "metrics.json", summary)
             write_json(self.out / "history.json", self.history)
