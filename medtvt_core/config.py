@@ -197,8 +197,9 @@ class ValidationConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="generation length (None: eval.max_new_tokens)")
     batch_size: int | None = Field(None, ge=1, description="generation batch (None: eval.batch_size)")
     alarm_metric: str = Field("f1", description="held-out per-record metric the reward-hacking alarm watches: f1, "
-                                                "answer_rate, reward or reward/<name>")
-    alarm_window: int = Field(3, ge=2, description="the alarm compares the first and the last of the last K validations")
+                                                "answer_rate, reward or reward/<name> (greedy reports), "
+                                                "reward_sampled (mean weighted reward of the sampled ones)")
+    alarm_window: int = Field(3, ge=3, description="the alarm compares the first and the last of the last K validations")
     confidence_level: float = Field(0.95, gt=0, lt=1, description="of the paired bootstrap CI of the metric's change")
     n_resamples: int = Field(2000, ge=100, description="bootstrap resamples")
 
@@ -304,8 +305,8 @@ class RunConfig(_Strict):
                                      f"{', '.join(BEST_METRICS)}")
         m = self.validation.alarm_metric
         names = [r.name for r in self.rewards]
-        if m not in ("f1", "answer_rate", "reward") and not (m.startswith("reward/") and m[7:] in names):
-            raise ValueError(f"validation.alarm_metric={m!r}; allowed: f1, answer_rate, reward, "
+        if m not in ("f1", "answer_rate", "reward", "reward_sampled") and not (m.startswith("reward/") and m[7:] in names):
+            raise ValueError(f"validation.alarm_metric={m!r}; allowed: f1, answer_rate, reward, reward_sampled, "
                              + ", ".join(f"reward/{n}" for n in names))
         return self
 

@@ -63,6 +63,8 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
         part["fusion"] = dump["fusion"]  # PT runs without fusion: its result does not depend on it
     if "rft" in upto:
         part["rewards"] = dump["rewards"]
+    if any(getattr(cfg, s).eval_steps for s in cfg.stages):  # the validation split leaves every stage's data
+        part["validation"] = {"fraction": cfg.validation.fraction, **{s: dump[s]["metric_for_best_model"] for s in upto}}
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -68,8 +68,11 @@ def validate(model: Any, processor: Any, dataset: Any, *, rewards: Sequence[Any]
     from ..plugins import get_catalog
     from .evaluation import generate_reports, sampled_rewards
 
+    import time
+
     cat = get_catalog()
     state = PartialState()
+    t0 = time.perf_counter()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         recs = generate_reports(model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -107,7 +110,10 @@ def validate(model: Any, processor: Any, dataset: Any, *, rewards: Sequence[Any]
     for d, v in ce["per_category"].items():
         entry[f"val_f1/{d}"] = v["f1"]
     per = {"f1": f1, "answer_rate": answered, "reward": total, **{f"reward/{k}": v for k, v in cols.items()}}
+    if samples:
+        per["reward_sampled"] = [sampled.get(i) for i in ids]
     entry["val_records"] = {k: dict(zip(ids, v)) for k, v in per.items()}
+    entry["val_time_s"] = time.perf_counter() - t0
     return entry
 
 
