@@ -21,6 +21,8 @@ from .data.synth.options import SynthConfig
 from .io import atomic_write_text
 
 STAGES = ("pt", "sft", "rft")
+# Validation metrics a stage can keep its best step by (higher is better for each).
+BEST_METRICS = ("val_f1", "val_reward", "val_reward_sampled", "val_answer_rate")
 
 
 class _Strict(BaseModel):
@@ -112,6 +114,12 @@ class StageConfig(_Strict):
     @classmethod
     def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_dropout(v)
+    eval_steps: int = Field(0, ge=0, description="validate every N optimiser steps on the `validation` split "
+                                                 "(and at step 0 and the last step; 0: off)")
+    metric_for_best_model: str | None = Field(
+        None, description="keep the validation step with the highest value of this metric (val_f1, val_reward, "
+                          "val_reward_sampled, val_answer_rate) as <stage>/final, the last as <stage>/last; None: "
+                          "final is the last step")
 
 
 class RFTConfig(_Strict):
@@ -133,9 +141,17 @@ class RFTConfig(_Strict):
         True, description="score completions with logits / temperature, as TRL does (the reference: raw logits)")
     beta: float = Field(0.04, ge=0, description="KL coefficient to the frozen SFT reference (TRL 1.16: 0.0)")
     epsilon: float = Field(0.2, gt=0, description="PPO clip range (lower)")
-    epsilon_high: float | None = Field(None, description="upper clip range (DAPO); None: epsilon")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
-        "dapo", description="loss aggregation as in TRL (TRL 1.16's default: dapo)")
+    epsilon_high: float | None = Field(None, description="upper clip range (DAPO); None: epsilon. With cispo: the "
+                                                          "maximum importance ratio (TRL recommends 5.0; required)")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = Field(
+        "dapo", description="TRL 1.16's loss (default: dapo): grpo/bnpo/dr_grpo/dapo clip the ratio (PPO) and differ in "
+                            "aggregation; cispo (MiniMax-M1) weights REINFORCE by the ratio capped at epsilon_high, "
+                            "detached; sapo replaces clipping by a sigmoid gate (sapo_temperature_*)")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="importance ratio per token (TRL's default) or one per completion, the mean log-ratio "
+                             "(sequence: GSPO, whose paper uses loss_type grpo and epsilon 3e-4 / epsilon_high 4e-4)")
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="sapo: gate temperature for tokens with advantage > 0 (TRL: 1.0)")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="sapo: gate temperature for tokens with advantage <= 0 (TRL: 1.05)")
     use_bias_correction_kl: bool = Field(
         True, description="multiply the k3 KL term by the importance ratio, as TRL 1.16 does by default")
     scale_rewards: bool | Literal["group", "batch", "none"] = Field(
@@ -154,6 +170,37 @@ class RFTConfig(_Strict):
     @classmethod
     def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_dropout(v)
+    eval_steps: int = Field(0, ge=0, description="validate every N optimiser steps on the `validation` split "
+                                                 "(and at step 0 and the last step; 0: off)")
+    metric_for_best_model: str | None = Field(
+        None, description="keep the validation step with the highest value of this metric (val_f1, val_reward, "
+                          "val_reward_sampled, val_answer_rate) as rft/final, the last as rft/last; None: final "
+                          "is the last step")
+
+    @model_validator(mode="after")
+    def _cispo_needs_cap(self) -> "RFTConfig":
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ValueError("loss_type cispo needs rft.epsilon_high (its maximum importance ratio; TRL recommends "
+                             "5.0): unset, TRL would cap every ratio at epsilon=0.2")
+        return self
+
+
+class ValidationConfig(_Strict):
+    """The validation split and what a validation computes (used when a stage sets ``eval_steps``)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="share of the disease-level training records carved out as "
+                                                          "the validation split (by a hash of seed and record id; "
+                                                          "no stage trains on them); needed by eval_steps")
+    samples: int = Field(2, ge=0, description="sampled completions per validation record (at rft.temperature / "
+                                              "top_p) for val_reward_sampled; 0: off")
+    max_new_tokens: int | None = Field(None, ge=1, description="generation length (None: eval.max_new_tokens)")
+    batch_size: int | None = Field(None, ge=1, description="generation batch (None: eval.batch_size)")
+    alarm_metric: str = Field("f1", description="held-out per-record metric the reward-hacking alarm watches: f1, "
+                                                "answer_rate, reward or reward/<name> (greedy reports), "
+                                                "reward_sampled (mean weighted reward of the sampled ones)")
+    alarm_window: int = Field(3, ge=3, description="the alarm compares the first and the last of the last K validations")
+    confidence_level: float = Field(0.95, gt=0, lt=1, description="of the paired bootstrap CI of the metric's change")
+    n_resamples: int = Field(2000, ge=100, description="bootstrap resamples")
 
 
 class RewardRef(_Strict):
@@ -235,6 +282,7 @@ class RunConfig(_Strict):
     rft: RFTConfig = Field(default_factory=RFTConfig)
     rewards: list[RewardRef] = Field(default_factory=lambda: [RewardRef(name="format"), RewardRef(name="jaccard")])
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     deterministic: bool = Field(False, description="torch deterministic algorithms (slower; recorded in environment.json)")
     weights_required: bool = Field(
@@ -264,6 +312,26 @@ class RunConfig(_Strict):
         if order != list(v) or len(set(v)) != len(v):
             raise ValueError(f"stages must be a subset of pt, sft, rft in that order, got {','.join(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _validation_split(self) -> "RunConfig":
+        for s in self.stages:
+            sc = getattr(self, s)
+            if sc.eval_steps and not self.validation.fraction:
+                raise ValueError(f"{s}.eval_steps={sc.eval_steps} needs a validation split: set validation.fraction "
+                                 f"(e.g. 0.1)")
+            if sc.metric_for_best_model is not None:
+                if not sc.eval_steps:
+                    raise ValueError(f"{s}.metric_for_best_model needs {s}.eval_steps > 0")
+                if sc.metric_for_best_model not in BEST_METRICS:
+                    raise ValueError(f"{s}.metric_for_best_model={sc.metric_for_best_model!r}; allowed: "
+                                     f"{', '.join(BEST_METRICS)}")
+        m = self.validation.alarm_metric
+        names = [r.name for r in self.rewards]
+        if m not in ("f1", "answer_rate", "reward", "reward_sampled") and not (m.startswith("reward/") and m[7:] in names):
+            raise ValueError(f"validation.alarm_metric={m!r}; allowed: f1, answer_rate, reward, reward_sampled, "
+                             + ", ".join(f"reward/{n}" for n in names))
+        return self
 
     @model_validator(mode="after")
     def _encoders_cover_modalities(self) -> "RunConfig":

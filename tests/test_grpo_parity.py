@@ -119,9 +119,14 @@ def setup(tmp_path_factory):
     return trainer, policy, batch
 
 
-def _configure(trainer, *, loss_type, beta, bias, gas=1, spg=1, delta=None):
+def _configure(trainer, *, loss_type, beta, bias, gas=1, spg=1, delta=None, level="token", eps_high=EPS_HIGH,
+               sapo=(1.0, 1.05), eps_low=EPS_LOW):
     """Set what TRL's `_compute_loss` reads (constructed with beta=0, so no hub reference is loaded)."""
+    trainer.epsilon_low = trainer.args.epsilon = eps_low
     trainer.loss_type = trainer.args.loss_type = loss_type
+    trainer.importance_sampling_level = trainer.args.importance_sampling_level = level
+    trainer.epsilon_high = trainer.args.epsilon_high = eps_high
+    trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = sapo
     trainer.beta = trainer.args.beta = beta
     trainer.args.use_bias_correction_kl = bias
     trainer.args.delta = delta
@@ -145,8 +150,10 @@ def _trl(trainer, policy, b, num_items):
 
 def _ours(policy, b, rows=slice(None), **kw):
     lp, ent = _logps(policy, b["pid"][rows], b["pmask"][rows], b["cid"][rows], b["cmask"][rows], entropy=True)
+    kw.setdefault("epsilon_high", EPS_HIGH)
+    kw.setdefault("epsilon_low", EPS_LOW)
     return grpo_loss(lp, b["old"][rows], b["ref"][rows], b["adv"][rows], b["cmask"][rows],
-                     epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, max_completion_length=L, entropies=ent, **kw)
+                     max_completion_length=L, entropies=ent, **kw)
 
 
 def _grads(policy, loss):
@@ -205,6 +212,77 @@ def test_loss_grads_metrics_equal_trl(setup, loss_type, beta, bias, gas, spg, ex
     assert m["clip_ratio/low_mean"] > 0.02 and m["clip_ratio/high_mean"] > 0.02
     if beta:
         assert m["kl"] > 1e-3
+
+
+# TRL 1.16's other one-turn losses: GSPO (sequence-level ratios; the paper's setup: loss_type grpo, clip
+# ranges 3e-4/4e-4, which clip half of the rows here, on both sides),
+# cispo (epsilon_high is its maximum ratio: 1.05 here, so some ratios are capped and some not) and sapo
+# (temperatures off TRL's defaults, and unequal, so that the sign of A picks one).
+# (loss_type, importance_sampling_level, beta, use_bias_correction_kl, gas, spg, extra, epsilon_high, sapo temps)
+SEQ_EPS = (0.0003, 0.0004)
+NEW_CASES = [
+    ("grpo", "sequence", 0.04, True, 2, 2, 0, SEQ_EPS[1], (1.0, 1.05)),
+    ("dapo", "sequence", 0.04, True, 2, 4, 97, SEQ_EPS[1], (1.0, 1.05)),
+    ("dapo", "sequence", 0.0, True, 1, 1, 0, SEQ_EPS[1], (1.0, 1.05)),
+    ("cispo", "token", 0.04, True, 2, 4, 97, 1.05, (1.0, 1.05)),
+    ("cispo", "token", 0.0, True, 1, 1, 0, 1.05, (1.0, 1.05)),
+    ("cispo", "sequence", 0.04, False, 1, 1, 0, 1.05, (1.0, 1.05)),
+    ("sapo", "token", 0.04, True, 2, 2, 0, EPS_HIGH, (1.0, 1.05)),
+    ("sapo", "token", 0.0, True, 1, 1, 0, EPS_HIGH, (2.0, 0.5)),
+    ("sapo", "sequence", 0.04, True, 1, 1, 0, EPS_HIGH, (1.0, 1.05)),
+]
+
+
+@pytest.mark.parametrize("loss_type,level,beta,bias,gas,spg,extra,eps_high,sapo", NEW_CASES,
+                         ids=[f"{c[0]}-{c[1]}-beta{c[2]}-bias{int(c[3])}-gas{c[4]}-spg{c[5]}-epsh{c[7]}-tau{c[8][0]}"
+                              for c in NEW_CASES])
+def test_gspo_cispo_sapo_equal_trl(setup, loss_type, level, beta, bias, gas, spg, extra, eps_high, sapo):
+    trainer, policy, b = setup
+    num_items = b["cmask"].sum() + extra
+    eps_low = SEQ_EPS[0] if level == "sequence" and loss_type not in ("cispo", "sapo") else EPS_LOW
+    _configure(trainer, loss_type=loss_type, beta=beta, bias=bias, gas=gas, spg=spg, level=level,
+               eps_high=eps_high, sapo=sapo, eps_low=eps_low)
+    try:
+        loss_trl, grads_trl, m_trl = _trl(trainer, policy, b, num_items)
+    finally:  # the module's trainer goes back to what the other tests expect
+        _configure(trainer, loss_type="dapo", beta=0.0, bias=True)
+    loss, m = _ours(policy, b, beta=beta, loss_type=loss_type, num_items_in_batch=num_items,
+                    gradient_accumulation_steps=gas, steps_per_generation=spg, use_bias_correction_kl=bias,
+                    importance_sampling_level=level, epsilon_low=eps_low, epsilon_high=eps_high,
+                    sapo_temperature_pos=sapo[0],
+                    sapo_temperature_neg=sapo[1])
+    grads = _grads(policy, loss)
+    dl, dg = (loss.detach() - loss_trl).abs().item(), _max_grad_diff(grads, grads_trl)
+    print(f"\n|loss diff| {dl:.2e}  max|grad diff| {dg:.2e}  loss {loss.item():.6f}")
+    torch.testing.assert_close(loss.detach(), loss_trl, **LOSS_TOL)
+    assert grads.keys() == grads_trl.keys() and len(grads) > 10
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_trl[n], **GRAD_TOL, msg=lambda s, n=n: f"{n}: {s}")
+    assert set(m) == set(m_trl) - {"num_tokens"}, (sorted(m), sorted(m_trl))
+    for k in m:
+        assert m[k].item() == pytest.approx(m_trl[k], abs=METRIC_TOL), k
+    # the batch exercises what it claims
+    if loss_type == "cispo":
+        assert 0.05 < m["cispo_clip_ratio"] < 0.95
+    elif loss_type != "sapo":
+        assert m["clip_ratio/low_mean"] > 0.02 and m["clip_ratio/high_mean"] > 0.02
+    if beta:
+        assert m["kl"] > 1e-3
+
+
+def test_new_loss_options_change_the_result(setup):
+    """The parity cases would not notice an ignored level/temperature unless these change the loss."""
+    _, policy, b = setup
+    base = {"beta": 0.04, "loss_type": "dapo"}
+    tok = _ours(policy, b, **base)[0]
+    seq = _ours(policy, b, importance_sampling_level="sequence", **base)[0]
+    s1 = _ours(policy, b, beta=0.04, loss_type="sapo")[0]
+    s2 = _ours(policy, b, beta=0.04, loss_type="sapo", sapo_temperature_pos=2.0)[0]
+    c1 = _ours(policy, b, beta=0.04, loss_type="cispo", epsilon_high=1.05)[0]
+    c2 = _ours(policy, b, beta=0.04, loss_type="cispo", epsilon_high=5.0)[0]
+    assert min((tok - seq).abs(), (s1 - s2).abs(), (c1 - c2).abs()).item() > 1e-4
+    with pytest.raises(Exception, match="importance_sampling_level"):
+        _ours(policy, b, importance_sampling_level="sentence", **base)
 
 
 def test_bias_correction_and_delta_matter(setup):

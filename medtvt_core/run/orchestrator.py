@@ -64,6 +64,8 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
         part["fusion"] = dump["fusion"]  # PT runs without fusion: its result does not depend on it
     if "rft" in upto:
         part["rewards"] = dump["rewards"]
+    if any(getattr(cfg, s).eval_steps for s in cfg.stages):  # the validation split leaves every stage's data
+        part["validation"] = {"fraction": cfg.validation.fraction, **{s: dump[s]["metric_for_best_model"] for s in upto}}
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -158,6 +160,15 @@ class Run:
             self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
             train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
             catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        if cfg.validation.fraction and "train" in self.splits and any(getattr(cfg, s).eval_steps for s in cfg.stages):
+            from .validation import carve_validation
+
+            rest, val = carve_validation(self.splits["train"].records, cfg.validation.fraction, cfg.seed)
+            if not val or not rest:
+                raise ConfigError(f"validation.fraction={cfg.validation.fraction} leaves {len(rest)} training and "
+                                  f"{len(val)} validation record(s); both need some")
+            self.splits["val"] = self.splits["train"].subset(val)
+            self.splits["train"] = self.splits["train"].subset(rest)
         if cfg.data.rft_holdout and "train" in self.splits:
             from ..data.dataset import holdout
 
@@ -301,6 +312,7 @@ class Run:
         drop = {m: p for m, p in getattr(cfg, stage).modality_dropout.items() if p > 0}
         if drop:  # saved with the model: `medtvt diagnose` says when a model never saw a missing modality
             self.model.config.modality_dropout = {**self.model.config.modality_dropout, stage: drop}
+        callbacks = self._validation_callbacks(stage, sdir)
         names = configure_trainable(self.model, stage, train_extras=extras)
         resume = self.resume or self.stage_store is not None
         n_params = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
@@ -314,19 +326,34 @@ class Run:
             collator = SupervisedCollator(ds.collator(), self.processor, scfg.max_length)
             hist = run_supervised(self.model, ds, collator, scfg, sdir, seed=cfg.seed, device=cfg.device,
                                   num_workers=cfg.data.num_workers, resume=resume, processor=self.processor,
-                                  progress=self.progress)
+                                  progress=self.progress, callbacks=callbacks)
         else:
-            hist = self._run_rft(sdir, resume)
+            hist = self._run_rft(sdir, resume, callbacks)
         self.timings[stage] = time.perf_counter() - t0
         self.history[stage] = hist
+        self._keep_best(stage, sdir, hist)
         if self.is_main:  # the stage result, written atomically: a kill leaves no half-written final/
             with atomic_dir(sdir / FINAL) as tmp:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
                 write_json(sdir / "history.json", hist)
+            from .validation import best_dirs
+
+            for p in best_dirs(sdir).values():  # final/ holds the chosen one now
+                shutil.rmtree(p, ignore_errors=True)
         self.barrier()
 
-    def _run_rft(self, sdir: Path, resume: bool) -> list[dict[str, Any]]:
+    def _validation_callbacks(self, stage: str, sdir: Path) -> list[Any]:
+        from .validation import make_callback
+
+        return make_callback(self, stage, sdir)
+
+    def _keep_best(self, stage: str, sdir: Path, hist: list[dict[str, Any]]) -> None:
+        from .validation import keep_best
+
+        keep_best(self, stage, sdir, hist)
+
+    def _run_rft(self, sdir: Path, resume: bool, callbacks: list[Any] = ()) -> list[dict[str, Any]]:
         from ..plugins import get_catalog
         from ..training.grpo import run_grpo
 
@@ -336,7 +363,7 @@ class Run:
         return run_grpo(self.model, self.processor, self.stage_split("rft"), cfg.rft, funcs,
                         reward_names=[r.name for r in cfg.rewards], reward_weights=[r.weight for r in cfg.rewards],
                         output_dir=sdir, seed=cfg.seed, device=cfg.device, resume=resume, progress=self.progress,
-                        on_log=self._rft_echo)
+                        on_log=self._rft_echo, callbacks=callbacks)
 
     def _rft_echo(self, logs: dict[str, Any]) -> None:
         if "reward" in logs:
@@ -413,6 +440,11 @@ class Run:
         base = next((m["baseline"] for m in self.metrics.values() if "baseline" in m), None)
         if base is not None:
             summary["baseline"] = base
+        from .validation import run_summary
+
+        val = run_summary(self)
+        if val:
+            summary["validation"] = val
         if self.is_main:
             write_json(self.out / "metrics.json", summary)
             write_json(self.out / "history.json", self.history)

@@ -179,6 +179,10 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
                           f"`by_protocol`)."]
     for f in _plot_curves(out, history):
         lines += ["", f"![{f[:-4]}]({f})"]
+    if summary.get("validation"):
+        from .validation import report_section
+
+        lines += report_section(out, summary, history)
     t = summary.get("timings_s", {})
     if t:
         lines += ["", "## Time (s)", "", " | ".join(f"{k} {v:.1f}" for k, v in t.items())]

@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -104,15 +104,17 @@ def run_supervised(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     processor: Any = None,
     progress: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """Train ``model`` (its trainable parameters are already set) and return the log history.
 
-    ``processor`` is saved into every checkpoint, which makes each one a complete model."""
+    ``processor`` is saved into every checkpoint, which makes each one a complete model.
+    ``callbacks``: extra ``TrainerCallback`` objects (e.g. the run's validation)."""
     from transformers.trainer_callback import PrinterCallback
 
     args = training_arguments(cfg, out_dir, seed=seed, device=device, num_workers=num_workers, progress=progress)
     trainer = MedTVTTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                            processing_class=processor, callbacks=[_HistoryCallback(on_log)])
+                            processing_class=processor, callbacks=[_HistoryCallback(on_log), *callbacks])
     if not progress:  # without progress bars Trainer prints every log dict instead
         trainer.remove_callback(PrinterCallback)
     last = last_complete_checkpoint(out_dir) if resume else None

@@ -13,7 +13,8 @@ import torch
 
 from ...errors import ConfigError, PluginContractError
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ScaleRewards = Literal["group", "batch", "none"] | bool
 # TRL adds this to the std before dividing (grpo_trainer.py, `std_rewards + 1e-4`).
 ADV_EPS = 1e-4
@@ -125,35 +126,52 @@ def grpo_loss(
     steps_per_generation: int = 1,
     use_bias_correction_kl: bool = True,
     delta: float | None = None,
+    importance_sampling_level: str = "token",
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     entropies: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss ``GRPOTrainer._compute_loss`` of TRL 1.16 returns, and the metrics it logs.
 
-    Covers ``importance_sampling_level="token"`` (TRL's default) without vLLM importance sampling,
-    entropy masking/bonus, off-policy masking or MoE aux loss (none is on by default). Defaults are
-    TRL 1.16's ``GRPOConfig`` defaults: ``beta=0.0``, ``epsilon=0.2``, ``epsilon_high=None`` (=
-    ``epsilon_low``), ``delta=None``, ``loss_type="dapo"``, ``use_bias_correction_kl=True``.
+    Covers one-turn rollouts without vLLM importance sampling, entropy masking/bonus, off-policy
+    masking or MoE aux loss (none is on by default), and the loss types ``grpo``, ``bnpo``,
+    ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` (not ``luspo``/``vespo``). Defaults are TRL 1.16's
+    ``GRPOConfig`` defaults: ``beta=0.0``, ``epsilon=0.2``, ``epsilon_high=None`` (=
+    ``epsilon_low``), ``delta=None``, ``loss_type="dapo"``, ``use_bias_correction_kl=True``,
+    ``importance_sampling_level="token"``, ``sapo_temperature_pos=1.0``, ``sapo_temperature_neg=1.05``.
 
     Per token (all of it differentiable, nothing detached but ``old`` itself)::
 
-        coef_1 = exp(logp - old)                      # old=None: logp.detach() (on-policy, value 1)
+        r      = logp - old                           # old=None: logp.detach() (on-policy, value 0)
+        r      = sum_t(r * mask) / max(len, 1)        # importance_sampling_level="sequence" (GSPO): one
+                                                      # ratio per completion, broadcast over its tokens
+        coef_1 = exp(r)
+        # grpo, bnpo, dr_grpo, dapo (PPO clipping):
         coef_2 = clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
         coef_1 = clamp(coef_1, max=delta)             # only if delta is not None (two-sided clipping)
         loss_t = -min(coef_1 * A, coef_2 * A)
+        # cispo (MiniMax-M1): the clipped ratio is a constant weight of the REINFORCE term
+        loss_t = -clamp(coef_1, max=epsilon_high).detach() * A * logp
+        # sapo (soft gate instead of clipping): tau = sapo_temperature_pos if A > 0 else _neg
+        loss_t = -sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
         kl_t   = exp(ref - logp) - (ref - logp) - 1   # k3; only if beta != 0
-        kl_t   = kl_t * exp(logp - old)               # use_bias_correction_kl: the *unclipped* ratio,
-                                                      # differentiable (changes the gradient even on-policy)
+        kl_t   = kl_t * coef_1                        # use_bias_correction_kl: the *unclipped* ratio
+                                                      # (token or sequence), differentiable (changes the
+                                                      # gradient even on-policy)
         loss_t = loss_t + beta * kl_t
 
     Only tokens with ``completion_mask`` 1 count. Aggregation, with ``S = sum(loss_t * mask)``:
 
-    - ``grpo``: ``mean_i(sum_t / max(len_i, 1)) / gradient_accumulation_steps``
+    - ``grpo``, ``sapo``: ``mean_i(sum_t / max(len_i, 1)) / gradient_accumulation_steps``
     - ``bnpo``: ``S / max(sum(mask), 1) / gradient_accumulation_steps``
     - ``dr_grpo``: ``S / (B * max_completion_length) / gradient_accumulation_steps``
-    - ``dapo``: ``S / (max(num_items_in_batch, 1) / num_processes * gradient_accumulation_steps
+    - ``dapo``, ``cispo``: ``S / (max(num_items_in_batch, 1) / num_processes * gradient_accumulation_steps
       / steps_per_generation)``; ``num_items_in_batch=None`` means ``sum(mask)`` of this batch.
+
+    ``cispo`` uses ``epsilon_high`` as the maximum ratio (TRL: its recommended value is 5.0; unset,
+    it falls back to ``epsilon_low`` as in TRL, which caps every ratio far below 1).
 
     To get exactly TRL's value, pass (in train mode):
 
@@ -178,11 +196,14 @@ def grpo_loss(
 
     Returns ``(loss, metrics)``; metrics are detached 0-d tensors, computed as TRL logs them:
     ``kl`` (only when ``beta != 0``; the bias-corrected value when the correction is on),
-    ``entropy`` (only if ``entropies`` is given), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-    ``clip_ratio/region_mean`` (masked means over active tokens, ``low``: ``coef_1 < 1-eps_low`` and
-    ``A < 0``, ``high``: ``coef_1 > 1+eps_high`` and ``A > 0``, with ``coef_1`` after the ``delta``
-    clamp as in TRL), ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences
-    of the per-sequence clip fraction, NaN-ignoring; sequences without active tokens are skipped).
+    ``entropy`` (only if ``entropies`` is given); for the PPO-clipped types ``clip_ratio/low_mean``,
+    ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (masked means over active tokens, ``low``:
+    ``coef_1 < 1-eps_low`` and ``A < 0``, ``high``: ``coef_1 > 1+eps_high`` and ``A > 0``, with
+    ``coef_1`` after the ``delta`` clamp as in TRL), ``clip_ratio/low_min`` and
+    ``clip_ratio/high_max`` (min / max over sequences of the per-sequence clip fraction,
+    NaN-ignoring; sequences without active tokens are skipped); for ``cispo``
+    ``cispo_clip_ratio`` (``coef_1 > epsilon_high`` and ``A > 0``); none for ``sapo``. At sequence
+    level the clip means are over sequences (every row counts, as in TRL), not tokens.
     Multi-process: TRL's ``global_masked_mean`` sums ``[sum, count]`` over processes before
     dividing, and the min/max are over gathered sequences. Pass ``reduce`` (sum over processes,
     e.g. ``lambda t: accelerator.reduce(t, reduction="sum")``) and ``gather`` (concatenate over
@@ -191,6 +212,9 @@ def grpo_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ConfigError(f"importance_sampling_level={importance_sampling_level!r}; allowed: "
+                          f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length")
     if beta != 0.0 and ref_per_token_logps is None:
@@ -204,28 +228,37 @@ def grpo_loss(
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
 
-    coef_1 = torch.exp(per_token_logps - old)
+    log_ratio = per_token_logps - old
+    if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, shape [B, 1]
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
     per_token_kl = None
     if beta != 0.0:
         diff = ref_per_token_logps - per_token_logps  # type: ignore[operator]
         per_token_kl = torch.exp(diff) - diff - 1
         if use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
-    if delta is not None:
-        coef_1 = torch.clamp(coef_1, max=delta)
-    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * per_token_logps
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
     if per_token_kl is not None:
         per_token_loss = per_token_loss + beta * per_token_kl
 
     masked = per_token_loss * mask
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / gradient_accumulation_steps
     elif loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1.0) / gradient_accumulation_steps
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (per_token_loss.size(0) * max_completion_length) / gradient_accumulation_steps
-    else:  # dapo
+    else:  # dapo, cispo
         n = (mask.sum() if num_items_in_batch is None
              else torch.as_tensor(num_items_in_batch, device=per_token_loss.device))
         normalizer = n.clamp(min=1.0) / num_processes
@@ -234,27 +267,36 @@ def grpo_loss(
 
     with torch.no_grad():
         def global_masked_mean(x: torch.Tensor) -> torch.Tensor:
-            totals = reduce(torch.stack([(x * mask).sum(), mask.sum().float()]))
+            if x.size(-1) == 1:  # sequence level: one value per row, every row counts (TRL)
+                local = torch.stack([x.sum(), torch.tensor(float(x.size(0)), device=x.device, dtype=x.dtype)])
+            else:
+                local = torch.stack([(x * mask).sum(), mask.sum().float()])
+            totals = reduce(local)
             return totals[0] / totals[1].clamp(min=1.0)
 
         def masked_seq_mean(x: torch.Tensor) -> torch.Tensor:
+            if x.size(-1) == 1:
+                return x.squeeze(-1)
             return (x * mask).sum(-1) / mask.sum(-1)  # NaN for rows without active tokens, as TRL
 
         def nan_extreme(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
             keep = ~torch.isnan(x)
             return fn(x[keep]) if keep.any() else torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
 
-        low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).float()
-        high = ((coef_1 > 1 + eps_high) & (adv > 0)).float()
-        region = ((low + high) > 0).float()
         metrics: dict[str, torch.Tensor] = {}
         if per_token_kl is not None:
             metrics["kl"] = global_masked_mean(per_token_kl.detach())
         if entropies is not None:
             metrics["entropy"] = global_masked_mean(entropies.detach())
-        metrics["clip_ratio/low_mean"] = global_masked_mean(low)
-        metrics["clip_ratio/high_mean"] = global_masked_mean(high)
-        metrics["clip_ratio/region_mean"] = global_masked_mean(region)
-        metrics["clip_ratio/low_min"] = nan_extreme(gather(masked_seq_mean(low)), torch.min)
-        metrics["clip_ratio/high_max"] = nan_extreme(gather(masked_seq_mean(high)), torch.max)
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eps_high) & (adv > 0)).float())
+        elif loss_type != "sapo":
+            low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).float()
+            high = ((coef_1 > 1 + eps_high) & (adv > 0)).float()
+            region = ((low + high) > 0).float()
+            metrics["clip_ratio/low_mean"] = global_masked_mean(low)
+            metrics["clip_ratio/high_mean"] = global_masked_mean(high)
+            metrics["clip_ratio/region_mean"] = global_masked_mean(region)
+            metrics["clip_ratio/low_min"] = nan_extreme(gather(masked_seq_mean(low)), torch.min)
+            metrics["clip_ratio/high_max"] = nan_extreme(gather(masked_seq_mean(high)), torch.max)
     return loss, metrics

@@ -351,6 +351,8 @@ class MedTVTGRPOTrainer(MedTVTTrainer):
             gradient_accumulation_steps=self.current_gradient_accumulation_steps,
             steps_per_generation=self.args.gradient_accumulation_steps,
             use_bias_correction_kl=rft.use_bias_correction_kl,
+            importance_sampling_level=rft.importance_sampling_level,
+            sapo_temperature_pos=rft.sapo_temperature_pos, sapo_temperature_neg=rft.sapo_temperature_neg,
             reduce=(lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None,
             # rows per process differ when a prompt was skipped at read time: pad with NaN (ignored)
             gather=(lambda t: acc.gather(acc.pad_across_processes(t, pad_index=float("nan"))))
@@ -370,8 +372,11 @@ class MedTVTGRPOTrainer(MedTVTTrainer):
 def run_grpo(model: Any, processor: Any, dataset: Any, cfg: Any, reward_funcs: Sequence[Callable[..., Any]], *,
              reward_names: Sequence[str], reward_weights: Sequence[float], output_dir: Path, seed: int,
              device: str = "auto", resume: bool = False, progress: bool = True,
-             on_log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """RFT of ``model`` (trainable parameters already set); returns the Trainer's log history."""
+             on_log: Callable[[dict[str, Any]], None] | None = None,
+             callbacks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """RFT of ``model`` (trainable parameters already set); returns the Trainer's log history.
+
+    ``callbacks``: extra ``TrainerCallback`` objects (e.g. the run's validation)."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
@@ -383,7 +388,7 @@ def run_grpo(model: Any, processor: Any, dataset: Any, cfg: Any, reward_funcs: S
     args = training_arguments(cfg, output_dir, seed=seed, device=device, progress=progress)
     trainer = MedTVTGRPOTrainer(model, args, rft=cfg, processor=processor, train_dataset=dataset,
                                 reward_funcs=reward_funcs, reward_names=reward_names, reward_weights=reward_weights,
-                                callbacks=[_Echo()])
+                                callbacks=[_Echo(), *callbacks])
     if not progress:
         trainer.remove_callback(PrinterCallback)
     last = last_complete_checkpoint(Path(output_dir)) if resume else None

@@ -1,0 +1,212 @@
+"""Validation during training, the best checkpoint and the reward-hacking alarm (issue 22)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from medtvt_core.config import RewardRef
+from medtvt_core.run.alarm import alarms_over_training, reward_hacking_alarm
+from medtvt_core.run.validation import ValidationCallback, best_validation, carve_validation, validate
+
+
+# --------------------------------------------------------------------------- the split
+def test_validation_split_is_seeded_disjoint_and_independent_of_order():
+    recs = [SimpleNamespace(id=f"p{i}-disease") for i in range(400)]
+    rest, val = carve_validation(recs, 0.1, seed=0)
+    assert {id(r) for r in rest}.isdisjoint({id(r) for r in val}) and len(rest) + len(val) == 400
+    assert 25 <= len(val) <= 55  # ~40 expected
+    rest2, val2 = carve_validation(recs[::-1], 0.1, seed=0)
+    assert {r.id for r in val2} == {r.id for r in val}  # the file order does not matter
+    assert {r.id for r in carve_validation(recs, 0.1, seed=1)[1]} != {r.id for r in val}  # the seed does
+
+
+# --------------------------------------------------------------------------- the alarm rule
+def _history(train, f1_per_validation, every=4, key="reward"):
+    """Training logs every step (``train[s-1]`` at step s) and a validation every ``every`` steps."""
+    hist = [{"step": s, key: v} for s, v in enumerate(train, start=1)]
+    for k, f1 in enumerate(f1_per_validation):
+        ids = [f"r{i}" for i in range(len(f1))]
+        hist.append({"step": k * every, "val_f1": float(np.mean(f1)), "val_records": {"f1": dict(zip(ids, f1))}})
+    return sorted(hist, key=lambda h: (h["step"], "val_f1" in h))
+
+
+def test_alarm_when_training_reward_rises_and_held_out_f1_falls_beyond_noise():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.4, 0.9, 30)
+    f1s = [base, base - 0.05 + rng.normal(0, 0.02, 30), base - 0.2 + rng.normal(0, 0.05, 30)]
+    train = list(np.linspace(1.0, 1.8, 8))
+    v = reward_hacking_alarm(_history(train, f1s), stage="rft", window=3, n_resamples=2000)
+    assert v["raised"] is True and v["steps"] == [0, 4, 8]
+    # the numbers, against an independent oracle: scipy's percentile bootstrap of the paired mean difference
+    from scipy import stats
+
+    d = f1s[-1] - f1s[0]
+    ci = stats.bootstrap((d,), np.mean, method="percentile", n_resamples=2000, rng=np.random.default_rng(1))
+    assert v["diff"] == pytest.approx(d.mean(), abs=1e-12)
+    assert v["ci"][0] == pytest.approx(ci.confidence_interval.low, abs=0.01)
+    assert v["ci"][1] == pytest.approx(ci.confidence_interval.high, abs=0.01) and v["ci"][1] < 0
+    assert v["train_first"] == pytest.approx(np.mean(train[:4])) and v["train_last"] == pytest.approx(np.mean(train[4:]))
+    msg = v["message"]
+    assert msg.startswith("REWARD-HACKING ALARM (RFT, steps 0-8)")
+    assert f"{v['diff']:+.4f}" in msg and f"{v['train_first']:.4f}" in msg and "30 validation records" in msg
+
+
+def test_no_alarm_on_noise_on_a_falling_reward_or_on_too_little_data():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.4, 0.9, 30)
+    noisy = [base, base + rng.normal(0, 0.05, 30), base + rng.normal(0, 0.05, 30)]
+    rising = list(np.linspace(1.0, 1.8, 8))
+    v = reward_hacking_alarm(_history(rising, noisy), stage="rft")
+    assert v["raised"] is False and v["ci"][0] < 0 < v["ci"][1] and "within its bootstrap noise" in v["message"]
+    falling_f1 = [base, base - 0.1, base - 0.2]
+    v = reward_hacking_alarm(_history(rising[::-1], falling_f1), stage="rft")
+    assert v["raised"] is False and "did not improve" in v["message"]
+    # SFT: the training signal is the loss (lower is better): a falling loss with falling F1 is an alarm
+    v = reward_hacking_alarm(_history(rising[::-1], falling_f1, key="loss"), stage="sft")
+    assert v["raised"] is True and "training loss fell" in v["message"]
+    assert reward_hacking_alarm(_history(rising, falling_f1[:2]), stage="rft")["raised"] is None
+    few = [f[:4] for f in falling_f1]
+    assert "needs 5" in reward_hacking_alarm(_history(rising, few), stage="rft")["message"]
+
+
+# --------------------------------------------------------------------------- a gamed reward, trained
+def _upper(proc, text):
+    ids = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return sum(t >= len(proc.tokenizer) // 2 for t in ids) / max(len(ids), 1)
+
+
+@pytest.fixture
+def task_rewards(monkeypatch):
+    """Test reward plugins in the process's catalog: ``task`` (the held-out objective: the share of
+    tokens from the lower half of the vocabulary, about half for the untrained model) and ``gamed``
+    (a reward built to be gamed: it pays for upper-half tokens, i.e. for more of what it counts,
+    as a list-size bonus pays for more diagnoses; maximising it destroys the task)."""
+    import medtvt_core.plugins as plugins
+    from medtvt_core import hookimpl
+
+    box: dict = {}
+
+    def task(prompts, completions, **kw):
+        return [1.0 - _upper(box["proc"], c) for c in completions]
+
+    def gamed(prompts, completions, **kw):
+        return [_upper(box["proc"], c) for c in completions]
+
+    class Plugin:
+        @hookimpl
+        def medtvt_register_rewards(self, register):
+            register("task", task)
+            register("gamed", gamed)
+
+    monkeypatch.setattr(plugins, "_CATALOG", plugins.build_catalog(plugins=[Plugin()]))
+    return box, task, gamed
+
+
+def _train_with_validation(cohort, tmp_path, box, reward, steps=8):
+    from test_grpo import _tiny, _trainer
+
+    model, proc, ds = _tiny(cohort, train_extras=True)
+    box["proc"] = proc
+    rest, val = carve_validation(ds.records, 0.45, seed=0)
+    train_ds, val_ds = ds.subset(rest), ds.subset(val)
+    saved = []
+
+    def run(m, step):
+        return validate(m, proc, val_ds, rewards=[RewardRef(name="task")], max_new_tokens=8, batch_size=32, samples=4,
+                        temperature=1.0, top_p=1.0, seed=0, step=step)
+
+    live = []  # what the run's log would say, as it happens
+
+    def on_validation(history):
+        v = reward_hacking_alarm(history, stage="rft", metric="reward_sampled", window=3, seed=0)
+        if v["raised"]:
+            live.append(v)
+
+    cb = ValidationCallback(eval_steps=4, run=run, stage_dir=tmp_path, metric="val_reward_sampled",
+                            save=lambda m, p: saved.append(p.name), is_main=True, barrier=lambda: None,
+                            on_validation=on_validation)
+    tr = _trainer(model, proc, train_ds, tmp_path, [reward], max_steps=steps, batch_size=2, grad_accum=1,
+                  num_generations=4, lr=3e-2, beta=0.0, max_completion_length=8)
+    tr.add_callback(cb)
+    tr.train()
+    return tr.state.log_history, len(val), saved, live
+
+
+def test_gamed_reward_raises_the_alarm_and_the_task_reward_does_not(cohort, tmp_path, task_rewards, one_torch_thread):
+    """Robust by construction, not by luck: all seeds fixed; the gamed reward and the task are exact
+    opposites on every token, so whatever GRPO learns from one moves the other the other way; the
+    margins (training reward +0.2, CI below 0) were far exceeded when measured (see the asserts'
+    messages), and the honest run trains on the task itself, so its held-out metric cannot fall
+    for the reason the alarm looks for."""
+    box, task, gamed = task_rewards
+    hist, n_val, saved, live = _train_with_validation(cohort, tmp_path / "gamed", box, gamed)
+    vals = [h for h in hist if "val_f1" in h]
+    assert [h["step"] for h in vals] == [0, 4, 8] and n_val >= 5
+    # held out: the task reward of 4 sampled reports per validation record (at temperature 1 the untrained
+    # model writes about half lower-half tokens; its greedy reports repeat one upper-half token)
+    kw = dict(stage="rft", metric="reward_sampled", window=3, seed=0)
+    raised = alarms_over_training(hist, **kw)
+    # the log said so as it happened (it had seen the training logs up to the step before the validation)
+    assert len(raised) == 1 and [a["steps"] for a in live] == [raised[0]["steps"]]
+    v = raised[0]
+    assert v["train_last"] - v["train_first"] > 0.2 and v["diff"] < -0.2, v["message"]
+    assert "REWARD-HACKING ALARM (RFT, steps 0-8)" in v["message"] and "held-out reward_sampled" in v["message"]
+    # the best checkpoint by the held-out task reward is an early one: saved at its step, not after
+    best = best_validation(hist, "val_reward_sampled")
+    assert saved and saved[-1] == f"best-{best['step']}" and best["val_reward_sampled"] > vals[-1]["val_reward_sampled"]
+
+    hist, _, _, live = _train_with_validation(cohort, tmp_path / "honest", box, task)
+    assert not alarms_over_training(hist, **kw) and not live
+    v = reward_hacking_alarm(hist, **kw)
+    assert v["raised"] is False and v["train_last"] > v["train_first"], v["message"]  # the reward rose here too
+
+
+# --------------------------------------------------------------------------- the run
+def test_run_validates_keeps_the_best_step_and_resumes(tmp_path, tiny_config):
+    """A tiny RFT run (the demo's rewards) validated every step: history, metrics.json, report.md,
+    final = the best step, last = the last; no alarm; an interrupted run resumed from its step-2
+    checkpoint chooses the same step with the same numbers."""
+    import shutil
+
+    from medtvt_core.config import resolve_config
+    from medtvt_core.run.orchestrator import Run
+
+    out = tmp_path / "run"
+    cfg = resolve_config(config_file=tiny_config, sets=[
+        "stages=[rft]", "evaluate=false", "validation.fraction=0.4", "rft.eval_steps=1", "rft.max_steps=3",
+        "rft.metric_for_best_model=val_reward_sampled", f"output_dir={out}"])
+    Run(cfg, progress=False, echo=lambda s: None).execute()
+    m = json.loads((out / "metrics.json").read_text())["validation"]["rft"]
+    hist = json.loads((out / "history.json").read_text())["rft"]
+    vals = [h for h in hist if "val_f1" in h]
+    assert [h["step"] for h in vals] == m["steps"] == [0, 1, 2, 3]
+    assert m["split"]["n_records"] == vals[0]["val_n"] >= 5 and m["split"]["fraction"] == 0.4
+    assert {"val_f1", "val_answer_rate", "val_reward", "val_reward/format", "val_reward/jaccard",
+            "val_reward_sampled", "val_f1/Sepsis"} <= vals[-1].keys()
+    chosen = m["chosen"]
+    best = max((h for h in vals if h["step"] > 0), key=lambda h: (h["val_reward_sampled"], -h["step"]))
+    assert chosen["step"] == best["step"] and chosen["val_f1"] == best["val_f1"] and "highest" in chosen["why"]
+    assert (out / "rft" / "final").is_dir() and (out / "rft" / "last").is_dir()
+    assert not list((out / "rft").glob("best-*"))
+    # the demo's rewards on an untrained model: no alarm (no verdict, or a verdict of silence)
+    assert m["alarm"]["raised"] is not True and m["alarms_during_training"] == []
+    report = (out / "report.md").read_text()
+    assert "## Validation during RFT" in report and (out / "validation_rft.png").is_file()
+    assert f"`rft/final` is the model of step {chosen['step']}" in report and m["alarm"]["message"] in report
+
+    # interrupted after the step-2 checkpoint: what a kill at step 3 leaves
+    final = out / "rft" / "final"
+    if chosen["step"] <= 2:
+        shutil.copytree(final, out / "rft" / f"best-{chosen['step']}")
+    for p in (final, out / "rft" / "last", out / "rft" / "checkpoint-3", out / "metrics.json"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    Run(cfg, resume=True, progress=False, echo=lambda s: None).execute()
+    m2 = json.loads((out / "metrics.json").read_text())["validation"]["rft"]
+    assert m2["chosen"]["step"] == chosen["step"] and m2["steps"] == m["steps"]
+    assert m2["val_f1"] == pytest.approx(m["val_f1"])
+    assert (out / "rft" / "final").is_dir() and (out / "rft" / "last").is_dir()
