@@ -155,7 +155,7 @@ def encode_checked(encoder: Any, x: torch.Tensor, *, refs: Sequence[str] | None 
     naming the encoder and the inputs (``refs``)."""
     def label() -> str:
         spec = find_spec("encoders", encoder, catalog=catalog)
-        return describe(spec) if spec is not None else f"encoder {type(encoder).__name__}"
+        return describe(spec) if spec is not None else f"encoder {type(encoder).__name__} ({type(encoder).__module__})"
 
     def inputs() -> str:
         if not refs:

@@ -39,6 +39,8 @@ class PluginSpec(Generic[T]):
             "distribution": self.dist,
             "object": f"{getattr(self.obj, '__module__', '?')}.{getattr(self.obj, '__qualname__', repr(self.obj))}",
         }
+        if self.import_s is not None:
+            out["import_s"] = round(self.import_s, 3)
         out.update(self.extra)
         return out
 
