@@ -166,22 +166,21 @@ def _done(p: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(p.args, p.returncode, so, se)
 
 
-def test_cli_names_the_failing_plugin(installed, broken_site, demo_run, cohort, tmp_path):
-    _, site = installed
-    env = _env_with(site, broken_site)
-    only = ",".join(ep.name for ep in importlib.metadata.entry_points(group="medtvt"))  # the already installed ones
-    quiet = _env_with(site, broken_site, MEDTVT_PLUGINS=f"{only},ecg-cnn1d,vitals,gate-mix,tiny-qwen2,answer-count,"
-                                                        "solution-reward,raising-encoder")
+def test_cli_names_the_failing_plugin(broken_site, cohort, tmp_path):
+    env = _env_with(broken_site)
+    # the runs load the plugins installed before plus the two they use (not the import-time mistakes)
+    only = ",".join(ep.name for ep in importlib.metadata.entry_points(group="medtvt"))
+    quiet = _env_with(broken_site, MEDTVT_PLUGINS=f"{only},solution-reward,raising-encoder")
+    fast = [*TINY_SETS, f"data.root={cohort}", "llm.options.pretrain_steps=0", "eval.limit=2"]
     procs = {
         "slow": _medtvt("plugins", "check", "rewards", "slow-import", env=env),
         "broken": _medtvt("plugins", "check", "rewards", "broken-import", env=env),
-        # a reward reading TRL's column name, which medtvt does not pass: the evaluation stops in one line
-        "eval": _medtvt("eval", "--run", demo_run, "--stage", "sft", "--set", "rewards=[{name: solution-reward}]",
-                        env=quiet),
+        # a reward reading TRL's column name, which medtvt does not pass: RFT stops in one line
+        "rft": _medtvt("run", "--preset", "demo", "--quiet", "--stages", "rft", "--rewards", "format,solution-reward",
+                       "--out", tmp_path / "rft", *[a for s in fast for a in ("--set", s)], env=quiet),
         # an encoder raising while the run fills the feature cache
-        "run": _medtvt("run", "--preset", "demo", "--quiet", "--stages", "sft", "--out", tmp_path / "run",
-                       *[a for s in [*TINY_SETS, f"data.root={cohort}", "encoders.ecg.name=raising-encoder"]
-                         for a in ("--set", s)], env=quiet),
+        "cache": _medtvt("run", "--preset", "demo", "--quiet", "--stages", "sft", "--out", tmp_path / "cache",
+                         *[a for s in [*fast, "encoders.ecg.name=raising-encoder"] for a in ("--set", s)], env=quiet),
     }
     res = {k: _done(p) for k, p in procs.items()}
     slow = res["slow"]
@@ -193,11 +192,11 @@ def test_cli_names_the_failing_plugin(installed, broken_site, demo_run, cohort, 
     one_line_error(res["broken"], "unknown rewards plugin 'broken-import'",
                    "plugin 'broken-import' from distribution 'medtvt-broken-import' failed to load: "
                    "ModuleNotFoundError: No module named 'medtvt_no_such_module'", "medtvt_broken_import/plugin.py:")
-    test_ids = {r["id"] for r in json.loads((cohort / "qa/disease_test.json").read_text())}
-    line = one_line_error(res["eval"], "reward 'solution-reward' (medtvt-solution-reward 0.1.0) raised KeyError: "
-                                       "'solution' on record ")
-    assert line.rsplit(" ", 1)[-1] in test_ids, line
-    one_line_error(res["run"], "encoder 'raising-encoder' (medtvt-raising-encoder 0.1.0) raised RuntimeError: "
+    train_ids = {r["id"] for r in json.loads((cohort / "qa/disease_train.json").read_text())}
+    line = one_line_error(res["rft"], "reward 'solution-reward' (medtvt-solution-reward 0.1.0) raised KeyError: "
+                                      "'solution' on record ")
+    assert line.rsplit(" ", 1)[-1] in train_ids, line
+    one_line_error(res["cache"], "encoder 'raising-encoder' (medtvt-raising-encoder 0.1.0) raised RuntimeError: "
                                "weights not loaded on a batch of ")
 
 
