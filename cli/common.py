@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import traceback
 from typing import Any
 
 import click
@@ -10,13 +11,20 @@ import click
 from medtvt_core.errors import MedtvtError
 
 
+#: Set by commands run with ``-v``: an error then also prints its traceback (e.g. inside a plugin).
+VERBOSE = False
+
+
 class _Group(click.Group):
-    """A click group that turns :class:`MedtvtError` into one line and exit code 2."""
+    """A click group that turns :class:`MedtvtError` into one line and exit code 2 (the traceback too
+    under ``-v``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MedtvtError as err:
+            if VERBOSE:
+                click.echo("".join(traceback.format_exception(err)).rstrip(), err=True)
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
         except click.UsageError as err:

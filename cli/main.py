@@ -48,12 +48,14 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        for k, reg in cat.registries.items():
-            if kind and k != kind:
-                continue
+        shown = [(k, reg) for k, reg in cat.registries.items() if not kind or k == kind]
+        specs = [s for _, reg in shown for s in reg.specs()]
+        w_name = max([len(s.name) for s in specs] + [14])  # columns fit the longest name and distribution
+        w_dist = max([len(s.dist) for s in specs] + [16])
+        for k, reg in shown:
             click.echo(f"{k}:")
             for spec in reg.specs():
-                click.echo(f"  {spec.name:<14} {spec.dist:<16} {spec.description}")
+                click.echo(f"  {spec.name:<{w_name}} {spec.dist:<{w_dist}} {spec.description}")
     # Broken plugins are reported (stderr) but do not hide the working ones.
     for f in cat.failures:
         click.echo(f"warning: {f}", err=True)
@@ -63,17 +65,44 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
 @click.argument("kind", type=click.Choice(["modalities", "encoders", "fusion", "rewards", "llms"]))
 @click.argument("name")
 def plugins_check(kind: str, name: str) -> None:
-    """Run the contract checks of KIND on plugin NAME; exit 1 on violations."""
+    """Run the contract checks of KIND on plugin NAME; exit 1 on violations.
+
+    The checks are the kit's (medtvt_core.testing, docs/plugins.md); warnings (e.g. a slow import)
+    do not fail. A plugin that failed to import is an error with its cause."""
+    import warnings
+
+    from medtvt_core.plugin_calls import describe
     from medtvt_core.plugins import get_catalog
     from medtvt_core.testing.checks import check_plugin
 
     spec = get_catalog()[kind].spec(name)
-    problems = check_plugin(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        problems = check_plugin(spec)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "medtvt" in type(w.message).__module__:
+            click.echo(f"warning: {w.message}", err=True)
     for p in problems:
         click.echo(f"FAIL {kind}/{name}: {p}")
     if problems:
+        click.echo(f"{len(problems)} problem(s) in {describe(spec)}", err=True)
         sys.exit(1)
-    click.echo(f"ok {kind}/{name}: contract satisfied")
+    click.echo(f"ok {kind}/{name}: contract satisfied ({describe(spec)})")
+
+
+@plugins.command("new")
+@click.argument("kind", type=click.Choice(["modality", "encoder", "fusion", "reward", "llm"]))
+@click.argument("name")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Directory to write (default: ./medtvt-NAME).")
+def plugins_new(kind: str, name: str, out: str | None) -> None:
+    """Write a ready plugin distribution: pyproject.toml with the entry point, the plugin module and a
+    contract test. Then: pip install -e DIR; pytest DIR; medtvt run --preset demo (see its README.md)."""
+    from pathlib import Path
+
+    from medtvt_core.scaffold import new_plugin
+
+    d = new_plugin(kind, name, Path(out) if out else None)
+    click.echo(f"wrote {d} (pip install -e {d}, then pytest {d}; usage in {d / 'README.md'})")
 
 
 # ----------------------------------------------------------------------------- config

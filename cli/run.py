@@ -17,6 +17,9 @@ from .common import config_options, resolve_from_cli
 
 
 def _logging(verbose: bool) -> None:
+    from . import common
+
+    common.VERBOSE = verbose  # -v: an error also shows its traceback
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         import transformers

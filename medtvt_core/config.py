@@ -30,7 +30,10 @@ class _Strict(BaseModel):
 
 
 class PluginRef(_Strict):
-    """A plugin by registry name plus its options (validated by the plugin's config model)."""
+    """A plugin by registry name plus its options (validated by the plugin's config model).
+
+    A config file, ``--set X.name=`` or an ablation grid that names another plugin drops the earlier
+    layer's options (they belong to the old plugin); for the same plugin, options merge key by key."""
 
     name: str = Field(description="registry name of the plugin")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the plugin")
@@ -428,10 +431,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _swaps_plugin(old: Any, new: dict[str, Any]) -> bool:
+    """``new`` names another plugin than ``old`` (a ``{name, options}`` reference): then the old plugin's
+    options are dropped, not merged (they belong to the old plugin's config model)."""
+    return isinstance(old, dict) and "name" in new and old.get("name") not in (None, new["name"])
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options",):
+        if isinstance(v, dict) and _swaps_plugin(out.get(k), v):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options",):
             out[k] = deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
@@ -500,6 +511,8 @@ def apply_set(data: dict[str, Any], keys: list[str], value: Any) -> None:
             nxt = {}
             cur[k] = nxt
         cur = nxt
+    if keys[-1] == "name" and len(keys) > 1 and cur.get("name") not in (None, value):
+        cur.pop("options", None)  # another plugin: the old one's options do not apply (as with --fusion)
     cur[keys[-1]] = value
 
 
@@ -541,8 +554,9 @@ def resolve_config(
         data["stages"] = _split_list(stages)
     if output_dir:
         data["output_dir"] = str(output_dir)
-    for expr in sets:
-        keys, value = parse_set(expr)
+    parsed = [parse_set(expr) for expr in sets]
+    # Plugin swaps (``*.name=``) first, so the new plugin's ``--set *.options.X`` survive the reset.
+    for keys, value in sorted(parsed, key=lambda kv: kv[0][-1] != "name"):
         apply_set(data, keys, value)
     try:
         return RunConfig.model_validate(data)

@@ -9,7 +9,10 @@ Shapes use ``B`` batch, ``M`` modalities, ``N`` frozen feature steps, ``C`` feat
   (``pool``); the core projector then maps ``pooled_dim -> D``.
 * :class:`Fusion` maps tokens ``[B, M, K, D]`` + mask ``[B, M]`` to tokens of the same shape
   and per-sample modality weights ``[B, M]`` (``None`` when it does not weigh modalities).
-* Reward: ``f(prompts, completions, **kwargs) -> list[float | None]`` (TRL's contract).
+* Reward: ``f(prompts, completions, **kwargs) -> list[float | None]`` (TRL's contract), called with
+  ``answer`` (the reference's tagged text) and ``ids``, in RFT also ``completion_ids`` and
+  ``trainer_state``; values finite and within the ``range=(lo, hi)`` given at registration
+  (default ``[0, 1]``); see :mod:`medtvt_core.plugin_calls` and docs/plugins.md.
 * :class:`LLMBackbone` gives the tokenizer (with the modality placeholders added as special
   tokens by the core), the causal LM's config for that vocabulary, and the LM itself with a LoRA
   adapter; weights come from the plugin's own source (a local checkpoint) or a seeded random init.

@@ -34,3 +34,8 @@ class DataError(MedtvtError):
 
 class CheckpointError(MedtvtError):
     """A checkpoint file is missing, unsafe or does not match the model."""
+
+
+class PluginError(PluginContractError):
+    """A plugin raised, or returned what its contract forbids, while a run used it; the message names
+    the plugin, its distribution and version (the plugin's own exception is the ``__cause__``)."""

@@ -11,7 +11,8 @@ implements one or more of these hooks.  Each hook receives a ``register`` callab
 
 ``register(name, obj, config=None, description=None)`` adds ``obj`` under ``name`` to the
 registry of that kind; ``config`` is the plugin's pydantic config model (``extra="forbid"``)
-whose fields are the keyword arguments of ``obj``.
+whose fields are the keyword arguments of ``obj``. Rewards also take ``range=(lo, hi)`` (default
+``(0.0, 1.0)``, ``None`` for an unbounded side). The guide: docs/plugins.md.
 """
 
 from __future__ import annotations

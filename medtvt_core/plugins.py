@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -37,7 +38,18 @@ class PluginLoadFailure:
     traceback: str = ""
 
     def __str__(self) -> str:
-        return f"plugin {self.plugin!r} from distribution {self.dist!r} failed to load: {self.error}"
+        return f"plugin {self.plugin!r} from distribution {self.dist!r} failed to load: {self.error}{self.location}"
+
+    @property
+    def location(self) -> str:
+        """`` (at file:line)`` of the innermost frame outside the import machinery, '' when unknown."""
+        lines = [ln.strip() for ln in self.traceback.splitlines() if ln.strip().startswith('File "')]
+        lines = [ln for ln in lines if "<frozen importlib" not in ln and "importlib/" not in ln
+                 and "importlib/metadata" not in ln]
+        if not lines:
+            return ""
+        path, _, rest = lines[-1][len('File "'):].partition('", line ')
+        return f" (at {path}:{rest.split(',')[0]})"
 
 
 @dataclass
@@ -47,6 +59,11 @@ class Catalog:
     registries: dict[str, Registry[Any]] = field(default_factory=lambda: {k: Registry(k) for k in KINDS})
     failures: list[PluginLoadFailure] = field(default_factory=list)
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution
+    import_s: dict[str, float] = field(default_factory=dict)  # entry-point name -> seconds to import
+
+    def __post_init__(self) -> None:
+        for reg in self.registries.values():
+            reg.load_failures = self.failures  # unknown-name errors then show why a plugin is missing
 
     @property
     def modalities(self) -> Registry[Any]:
@@ -116,12 +133,18 @@ def build_catalog(
     pm = get_plugin_manager()
     sources: list[tuple[str, str, object]] = []
     if autoload:
+        # Plugins import the contracts (torch, pydantic): import them first, so each plugin's import
+        # time (Catalog.import_s, checked by the contract kit) is its own work only.
+        from . import contracts  # noqa: F401
+
         for ep in iter_entry_points():
             if allowed is not None and ep.name not in allowed:
                 continue
             dist = _dist_of(ep)
+            t0 = time.perf_counter()
             try:
                 obj = ep.load()
+                catalog.import_s[ep.name] = time.perf_counter() - t0
             except Exception as exc:  # a broken plugin must not take the others down
                 catalog.failures.append(
                     PluginLoadFailure(ep.name, dist, f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -148,7 +171,8 @@ def build_catalog(
 
             def register(pname: str, pobj: Any, config: Any = None, description: str | None = None,
                          _reg=reg, _n=pname_, _d=dist_, **extra: Any):
-                return _reg.register(pname, pobj, config=config, description=description, plugin=_n, dist=_d, **extra)
+                return _reg.register(pname, pobj, config=config, description=description, plugin=_n, dist=_d,
+                                     import_s=catalog.import_s.get(_n), **extra)
 
             try:
                 impl.function(register=register)

@@ -9,7 +9,7 @@ from typing import Any, Generic, Iterator, TypeVar
 
 from pydantic import BaseModel
 
-from .errors import DuplicatePluginError, UnknownPluginError
+from .errors import DuplicatePluginError, PluginContractError, UnknownPluginError
 
 T = TypeVar("T")
 
@@ -27,7 +27,8 @@ class PluginSpec(Generic[T]):
     description: str = ""
     plugin: str = ""  # entry-point name (or module) that registered it
     dist: str = ""  # distribution that ships it, e.g. "medtvt" or "medtvt-notes"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. a reward's range=(lo, hi)
+    import_s: float | None = None  # seconds its entry point took to import (None: registered by hand)
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -38,8 +39,22 @@ class PluginSpec(Generic[T]):
             "distribution": self.dist,
             "object": f"{getattr(self.obj, '__module__', '?')}.{getattr(self.obj, '__qualname__', repr(self.obj))}",
         }
+        if self.import_s is not None:
+            out["import_s"] = round(self.import_s, 3)
         out.update(self.extra)
         return out
+
+
+def _reward_range(name: str, r: Any) -> tuple[float | None, float | None] | None:
+    """A reward's declared ``range=(lo, hi)`` (``None`` for an unbounded side, or ``None`` for both)."""
+    if r is None:
+        return None
+    ok = isinstance(r, (tuple, list)) and len(r) == 2 and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v) for v in r)
+    if not ok or (r[0] is not None and r[1] is not None and r[0] >= r[1]):
+        raise PluginContractError(f"rewards plugin {name!r}: range must be (lo, hi) with lo < hi "
+                                   f"(None: unbounded), got {r!r}")
+    return (None if r[0] is None else float(r[0]), None if r[1] is None else float(r[1]))
 
 
 class Registry(Generic[T]):
@@ -48,6 +63,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._specs: dict[str, PluginSpec[T]] = {}
+        # The catalog's load failures (shared list): an unknown name may be a plugin that failed to import.
+        self.load_failures: list[Any] = []
 
     def register(
         self,
@@ -58,6 +75,7 @@ class Registry(Generic[T]):
         description: str | None = None,
         plugin: str = "",
         dist: str = "",
+        import_s: float | None = None,
         **extra: Any,
     ) -> PluginSpec[T]:
         if not isinstance(name, str) or not name:
@@ -70,8 +88,11 @@ class Registry(Generic[T]):
             )
         if config is not None and not (isinstance(config, type) and issubclass(config, BaseModel)):
             raise DuplicatePluginError(f"{self.kind} plugin {name!r}: config must be a pydantic model class, got {config!r}")
+        if self.kind == "rewards" and "range" in extra:
+            extra["range"] = _reward_range(name, extra["range"])
         doc = description if description is not None else (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
-        spec = PluginSpec(name=name, kind=self.kind, obj=obj, config=config, description=doc, plugin=plugin, dist=dist, extra=extra)
+        spec = PluginSpec(name=name, kind=self.kind, obj=obj, config=config, description=doc, plugin=plugin, dist=dist, extra=extra,
+                           import_s=import_s)
         self._specs[name] = spec
         return spec
 
@@ -89,7 +110,8 @@ class Registry(Generic[T]):
         near = difflib.get_close_matches(str(name), names, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         avail = ", ".join(names) if names else "(none registered)"
-        return f"unknown {self.kind} plugin {name!r}; available: {avail}{hint}"
+        failed = "".join(f"; {f}" for f in self.load_failures)
+        return f"unknown {self.kind} plugin {name!r}; available: {avail}{hint}{failed}"
 
     def list(self, filter: str | None = None) -> list[str]:
         """Sorted names, optionally filtered by a glob pattern (``"ecg*"``)."""

@@ -64,7 +64,8 @@ def tiny_config(tmp_path_factory, cohort) -> Path:
 
 # Longest files first: with two xdist workers and --dist loadfile, the files that run whole pipelines
 # would otherwise start last and leave one worker idle at the end (CI time, not behaviour).
-_LONGEST_FIRST = ("test_journey.py", "test_orchestrator.py", "test_distributed.py", "test_notes_plugin.py")
+_LONGEST_FIRST = ("test_journey.py", "test_orchestrator.py", "test_distributed.py", "test_notes_plugin.py",
+                  "test_plugin_authors.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -40,13 +40,17 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def encode_frozen(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
-    """``encoder.encode(x)`` in eval mode without gradients, on the encoder's device; returns CPU features."""
+def encode_frozen(encoder: Encoder, x: torch.Tensor, refs: Sequence[str] | None = None) -> torch.Tensor:
+    """``encoder.encode(x)`` in eval mode without gradients, on the encoder's device; returns CPU features.
+
+    Checked by :func:`medtvt_core.plugin_calls.encode_checked`: an encoder that raises or returns other
+    than ``feature_shape`` is an error naming it (and ``refs``, the inputs), not a broken cache entry."""
+    from ..plugin_calls import encode_checked
+
     was_training = encoder.training
     encoder.eval()
     try:
-        with torch.no_grad():
-            out = encoder.encode(x.to(_device_of(encoder)))
+        out = encode_checked(encoder, x.to(_device_of(encoder)), refs=refs)
     finally:
         encoder.train(was_training)
     return out.detach().to("cpu")
@@ -140,7 +144,7 @@ class FeatureCache:
             return t
         self.misses += 1
         x = modality.load(ref, root=root, train=train)
-        feats = encode_frozen(encoder, x.unsqueeze(0))[0]
+        feats = encode_frozen(encoder, x.unsqueeze(0), [ref])[0]
         self.store(modality.name, key, feats, {"modality": modality.name, "ref": ref, "encoder": eid})
         return feats.to(self.dtype)
 
@@ -200,7 +204,7 @@ def encode_dataset(dataset: Any, *, batch_size: int = 32, num_workers: int = 0,
             ok = [(i, x) for i, x, _ in items if x is not None]
             failed.extend((todo[i][0], msg) for i, x, msg in items if x is None)
             if ok:
-                feats = encode_frozen(enc, torch.stack([x for _, x in ok]))
+                feats = encode_frozen(enc, torch.stack([x for _, x in ok]), [todo[i][0] for i, _ in ok])
                 for (i, _), f in zip(ok, feats):
                     ref, key = todo[i]
                     cache.store(name, key, f, {"modality": name, "ref": ref, "encoder": eid})

@@ -170,8 +170,9 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         if features is None:
             if inputs is None:
                 raise DataError(f"modality {name!r}: neither inputs nor features given")
-            with torch.no_grad():
-                features = enc.encode(inputs)
+            from ..plugin_calls import encode_checked
+
+            features = encode_checked(enc, inputs)  # an encoder's failure names it (one line)
         else:
             want = tuple(enc.feature_shape)
             if tuple(features.shape[1:]) != want:

@@ -78,16 +78,25 @@ def weights_by_disease(records: Sequence[dict[str, Any]], diseases: Sequence[str
     return {d: {m: sum(v) / len(v) for m, v in acc[d].items()} for d in diseases if d in acc}
 
 
+def _reward_columns(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any) -> list[list[float | None]]:
+    """Per reward, its value on each record (None: undefined), scored as in RFT (plugin_calls.call_rewards)."""
+    from ..plugin_calls import call_rewards
+
+    if not rewards:
+        return []
+    scores = call_rewards([catalog.rewards.spec(rr.name) for rr in rewards], [r["prompt"] for r in records],
+                          [r["prediction"] for r in records], answer=[r["reference"] for r in records],
+                          ids=[r.get("id", i) for i, r in enumerate(records)], catalog=catalog, dtype=torch.float64)
+    return [[None if v != v else v for v in col] for col in scores.t().tolist()]
+
+
 def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> list[float | None]:
     """Per record, the weighted sum of the rewards (``None`` where every reward is undefined)."""
     if catalog is None:
         from ..plugins import get_catalog
 
         catalog = get_catalog()
-    prompts = [r["prompt"] for r in records]
-    comps = [r["prediction"] for r in records]
-    refs = [r["reference"] for r in records]
-    cols = [(rr.weight, catalog.rewards.get(rr.name)(prompts=prompts, completions=comps, answer=refs)) for rr in rewards]
+    cols = [(rr.weight, c) for rr, c in zip(rewards, _reward_columns(records, rewards, catalog))]
     out: list[float | None] = []
     for i in range(len(records)):
         vals = [(w, c[i]) for w, c in cols if c[i] is not None]
@@ -101,13 +110,10 @@ def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], cata
         from ..plugins import get_catalog
 
         catalog = get_catalog()
-    prompts = [r["prompt"] for r in records]
-    comps = [r["prediction"] for r in records]
-    refs = [r["reference"] for r in records]
     out: dict[str, float] = {}
     total = 0.0
-    for rr in rewards:
-        vals = [v for v in catalog.rewards.get(rr.name)(prompts=prompts, completions=comps, answer=refs) if v is not None]
+    for rr, col in zip(rewards, _reward_columns(records, rewards, catalog)):
+        vals = [v for v in col if v is not None]
         out[rr.name] = sum(vals) / max(len(vals), 1)
         total += rr.weight * out[rr.name]
     out["total"] = total
@@ -169,8 +175,9 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
                                             max_new_tokens=max_new_tokens,
                                             logits_processor=[SeededRowSampler(gens, temperature=temperature,
                                                                                top_p=top_p, max_steps=max_new_tokens)]).texts
-        rows = [{"prompt": batch["prompts"][i // samples], "reference": batch["answers"][i // samples],
-                 "prediction": t} for i, t in enumerate(texts)]  # record-major, as row_generators
+        rows = [{"id": batch["ids"][i // samples], "prompt": batch["prompts"][i // samples],
+                 "reference": batch["answers"][i // samples], "prediction": t}
+                for i, t in enumerate(texts)]  # record-major, as row_generators
         scored.extend(rows)
         totals = reward_values(rows, rewards, cat)  # the greedy rule: None where every reward is undefined
         for i, rid in enumerate(batch["ids"]):

@@ -9,7 +9,8 @@ Run directory::
                            loadable with AutoModel.from_pretrained, nothing else needed
     eval/<stage>.jsonl     generated reports of the test split
     history.json           loss / reward curves of every stage
-    metrics.json           per stage: clinical efficacy, NLG metrics, rewards; the baseline; world_size
+    metrics.json           per stage: clinical efficacy, NLG metrics, rewards; the baseline; world_size;
+                           every plugin used, with its distribution and version
     report.md, *.png       tables and plots
 
 ``--resume`` skips completed stages (the model continues from the last completed ``final/``) and
@@ -433,8 +434,10 @@ class Run:
     def finish(self) -> None:
         from .report import write_report
 
+        from ..plugin_calls import plugins_in_use
+
         summary = {"seed": self.cfg.seed, "world_size": self.dist.num_processes, "stages": self.metrics,
-                   "timings_s": self.timings}
+                   "timings_s": self.timings, "plugins": plugins_in_use(self.cfg)}
         if self.stage_store is not None:  # ablate / --seeds: the models live in the shared store
             summary["models"] = {s: str((self._stage_dir(s) / FINAL).resolve()) for s in self.cfg.stages}
         base = next((m["baseline"] for m in self.metrics.values() if "baseline" in m), None)

@@ -106,6 +106,11 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
              f"- modalities: {', '.join(cfg.modalities)}; fusion `{cfg.fusion.name}` {cfg.fusion.options or ''}; "
              f"LLM `{cfg.llm.name}` {cfg.llm.options or ''}",
              f"- rewards: {', '.join(f'{r.name} x{r.weight:g}' for r in cfg.rewards)}", ""]
+    plugins = summary.get("plugins") or []
+    if plugins:  # every plugin a result depends on, with the distribution and version that shipped it
+        lines += ["## Plugins", "", "| role | plugin | distribution | version |", "|---|---|---|---|"]
+        lines += [f"| {p['role']} | `{p['name']}` | {p['distribution']} | {p['version'] or '?'} |" for p in plugins]
+        lines.append("")
     if stages:
         lines += [f"## Clinical efficacy (test split, `{next(iter(stages.values())).get('protocol', 'strict')}` protocol)", "",
                   "| stage | precision | recall | F1 | AUC | answer rate | BLEU-4 | ROUGE-L | METEOR | BERTScore | mean reward |",

@@ -10,7 +10,8 @@ Subclass one base class per plugin and let pytest collect it::
 
 Each check of the kind (:data:`medtvt_core.testing.checks.CHECKS`) becomes one test. Set
 ``plugin_objects = (module,)`` to test a plugin module that is not installed as an entry point.
-``medtvt plugins check KIND NAME`` runs the same checks from the command line.
+``medtvt plugins check KIND NAME`` runs the same checks from the command line. The guide, with
+what each check calls: docs/plugins.md.
 """
 
 from __future__ import annotations

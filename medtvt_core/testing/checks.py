@@ -1,22 +1,38 @@
-"""Contract checks per plugin kind. Each check returns a list of problems (empty = pass).
+"""Contract checks per plugin kind. Each check returns a list of problems (empty = pass), one line each,
+naming the plugin.
 
-Plugins whose defaults are expensive (full-size networks, real weights) declare
-``contract_options: ClassVar[dict]`` with small, offline options the checks build them with.
+The kit calls plugins as runs do: rewards through :func:`medtvt_core.plugin_calls.call_rewards` with
+the keyword arguments of evaluation and of RFT (never a column a run does not pass), encoders through
+the same shape checks as the feature cache. Plugins whose defaults are expensive (full-size networks,
+real weights) declare ``contract_options: ClassVar[dict]`` with small, offline options; the kit builds
+them with those *and* with their default options (what a run without options gets), unless a config
+field has no default. An import slower than :data:`IMPORT_WARN_S` is a warning
+(:class:`PluginImportTimeWarning`), not a failure.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel
 
 from ..contracts import Encoder, Fusion, LLMBackbone, Modality
+from ..errors import PluginError
 from ..registry import PluginSpec
 
 Check = Callable[[PluginSpec[Any]], list[str]]
+
+#: Seconds a plugin's entry point may take to import before the kit warns: every ``medtvt`` command
+#: (``--help`` too) imports every installed plugin, so import-time work slows them all.
+IMPORT_WARN_S = 0.5
+
+
+class PluginImportTimeWarning(UserWarning):
+    """A plugin module took longer than :data:`IMPORT_WARN_S` to import."""
 
 
 def _config_problems(spec: PluginSpec[Any]) -> list[str]:
@@ -39,14 +55,39 @@ def _config_problems(spec: PluginSpec[Any]) -> list[str]:
     return out
 
 
-def _options(spec: PluginSpec[Any]) -> dict[str, Any]:
+def _options(spec: PluginSpec[Any], contract: bool = True) -> dict[str, Any]:
+    """Validated options: ``contract_options`` (``contract``) or the config model's defaults."""
     model = spec.config or spec.obj.config_class
-    opts = dict(getattr(spec.obj, "contract_options", {}) or {})
+    opts = dict(getattr(spec.obj, "contract_options", {}) or {}) if contract else {}
     return model.model_validate(opts).model_dump()
 
 
-def _build(spec: PluginSpec[Any], *args: Any) -> Any:
-    return spec.obj(*args, **_options(spec))
+def _option_sets(spec: PluginSpec[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``[("contract options", ...), ("default options", ...)]``; the defaults only when they differ and
+    every config field has a default (a required field, e.g. a weights path, cannot be guessed)."""
+    sets = [("contract options", _options(spec))]
+    model = spec.config or getattr(spec.obj, "config_class", None)
+    if model is not None and all(not f.is_required() for f in model.model_fields.values()):
+        default = _options(spec, contract=False)
+        if default != sets[0][1]:
+            sets.append(("default options", default))
+    return sets
+
+
+def _build(spec: PluginSpec[Any], *args: Any, options: dict[str, Any] | None = None) -> Any:
+    return spec.obj(*args, **(_options(spec) if options is None else options))
+
+
+def plugin_import(spec: PluginSpec[Any]) -> list[str]:
+    """Warn (not fail) when the plugin's entry point took longer than IMPORT_WARN_S to import."""
+    if spec.import_s is not None and spec.import_s > IMPORT_WARN_S:
+        from ..plugin_calls import describe
+
+        warnings.warn(PluginImportTimeWarning(
+            f"{describe(spec)}: its module {spec.plugin!r} took {spec.import_s:.2f} s to import (bound "
+            f"{IMPORT_WARN_S} s); every medtvt command imports it: move heavy work (weights, data, big imports) "
+            f"into the functions that need it"), stacklevel=2)
+    return []
 
 
 # ----------------------------------------------------------------------------- modalities
@@ -66,14 +107,18 @@ def modality_attributes(spec: PluginSpec[Any]) -> list[str]:
 
 
 def modality_build(spec: PluginSpec[Any]) -> list[str]:
-    try:
-        mod = _build(spec)
-    except Exception as exc:
-        return [f"{spec.name}: cannot be built with its default/contract options: {type(exc).__name__}: {exc}"]
-    shape = mod.sample_shape
-    if not (isinstance(shape, tuple) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
-        return [f"{spec.name}: sample_shape must be a tuple of positive ints, got {shape!r}"]
-    return []
+    out = []
+    for label, opts in _option_sets(spec):
+        try:
+            mod = _build(spec, options=opts)
+        except Exception as exc:
+            out.append(f"{spec.name}: cannot be built with its {label}: {type(exc).__name__}: {exc}")
+            continue
+        shape = mod.sample_shape
+        if not (isinstance(shape, tuple) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+            out.append(f"{spec.name}: with its {label}, sample_shape must be a tuple of positive ints, got "
+                       f"{shape!r} ({type(shape).__name__})")
+    return out
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -88,33 +133,73 @@ def encoder_attributes(spec: PluginSpec[Any]) -> list[str]:
 
 
 def encoder_shapes(spec: PluginSpec[Any]) -> list[str]:
+    out: list[str] = []
+    for i, (label, opts) in enumerate(_option_sets(spec)):
+        meta = _meta_feature_shape(spec, opts) if i else None
+        if meta is not None:  # shapes only, without the cost of a full-size random init
+            if meta[0] != meta[1]:
+                out.append(f"{spec.name}: with its {label}, encode() gave (1, {meta[0][0]}, {meta[0][1]}) per sample "
+                           f"but feature_shape is {meta[1]}, expected (1, {meta[1][0]}, {meta[1][1]}) (the feature "
+                           f"cache and the projector are sized by feature_shape)")
+            continue
+        out += _encoder_shapes(spec, label, opts, batch=2 if i == 0 else 1)
+    return out
+
+
+def _meta_feature_shape(spec: PluginSpec[Any], opts: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(encode()'s per-sample shape, feature_shape)`` with the encoder built on the meta device (no
+    memory, no compute); None when the plugin cannot run there (then it is built for real)."""
     try:
-        enc: Encoder = _build(spec)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            enc = _build(spec, options=opts)
+            feats = enc.encode(torch.empty(1, *enc.input_shape))
+        return tuple(feats.shape[1:]), tuple(enc.feature_shape)
+    except Exception:
+        return None
+
+
+def _encoder_shapes(spec: PluginSpec[Any], label: str, opts: dict[str, Any], batch: int) -> list[str]:
+    try:
+        enc: Encoder = _build(spec, options=opts)
     except Exception as exc:
-        return [f"{spec.name}: cannot be built with contract options: {type(exc).__name__}: {exc}"]
+        return [f"{spec.name}: cannot be built with its {label}: {type(exc).__name__}: {exc}"]
+    w = "" if label == "contract options" else f"with its {label}, "
     out = []
     enc.freeze_backbone()
     enc.eval()
-    x = enc.example_input(2)
+    x = enc.example_input(batch)
     if tuple(x.shape[1:]) != tuple(enc.input_shape):
-        out.append(f"{spec.name}: example_input shape {tuple(x.shape)} does not match input_shape {enc.input_shape}")
+        out.append(f"{spec.name}: {w}example_input shape {tuple(x.shape)} does not match input_shape {enc.input_shape}")
     feats = enc.encode(x)
     n, c = enc.feature_shape
-    if tuple(feats.shape) != (2, n, c):
-        out.append(f"{spec.name}: encode() gave {tuple(feats.shape)}, expected (2, {n}, {c}) from feature_shape")
+    if tuple(feats.shape) != (batch, n, c):
+        out.append(f"{spec.name}: {w}encode() gave {tuple(feats.shape)}, expected ({batch}, {n}, {c}) from feature_shape"
+                   f" (the feature cache and the projector are sized by feature_shape)")
+        return out
     if feats.dtype != torch.float32:
-        out.append(f"{spec.name}: encode() dtype {feats.dtype}, expected float32")
+        out.append(f"{spec.name}: {w}encode() dtype {feats.dtype}, expected float32")
     if feats.requires_grad:
-        out.append(f"{spec.name}: encode() output requires grad; the backbone must be frozen (no_grad)")
+        out.append(f"{spec.name}: {w}encode() output requires grad; the backbone must be frozen (no_grad)")
+    if not torch.isfinite(feats).all():
+        out.append(f"{spec.name}: {w}encode() gave {int((~torch.isfinite(feats)).sum())} non-finite value(s)")
     pooled = enc.pool(feats)
-    if tuple(pooled.shape) != (2, enc.num_tokens, enc.pooled_dim):
-        out.append(f"{spec.name}: pool() gave {tuple(pooled.shape)}, expected (2, {enc.num_tokens}, {enc.pooled_dim})")
+    if tuple(pooled.shape) != (batch, enc.num_tokens, enc.pooled_dim):
+        out.append(f"{spec.name}: {w}pool() gave {tuple(pooled.shape)}, expected ({batch}, {enc.num_tokens}, {enc.pooled_dim})")
     if not torch.isfinite(pooled).all():
-        out.append(f"{spec.name}: pool() output has non-finite values")
-    # Each sample's features must not depend on the rest of the batch (caching encodes one by one).
-    one = enc.encode(x[:1])
-    if one.shape == feats[:1].shape and not torch.allclose(one, feats[:1], atol=1e-4, rtol=1e-4):
-        out.append(f"{spec.name}: encode() of a sample depends on the other samples of the batch")
+        out.append(f"{spec.name}: {w}pool() output has non-finite values")
+    if batch > 1:
+        # Each sample's features must not depend on the rest of the batch (caching encodes one by one).
+        one = enc.encode(x[:1])
+        if one.shape == feats[:1].shape and not torch.allclose(one, feats[:1], atol=1e-4, rtol=1e-4):
+            out.append(f"{spec.name}: encode() of a sample depends on the other samples of the batch")
+        # The check the feature cache makes on every batch (plugin_calls.encode_checked).
+        from ..plugin_calls import encode_checked
+
+        try:
+            encode_checked(enc, x)
+        except PluginError as err:
+            out.append(f"{spec.name}: {err}")
     return out
 
 
@@ -229,8 +314,13 @@ def reward_signature(spec: PluginSpec[Any]) -> list[str]:
 
 
 def reward_values(spec: PluginSpec[Any]) -> list[str]:
-    fn = spec.obj
-    answer = ["<think> irregular rhythm </think><answer> Atrial Fibrillation </answer>"] * 6
+    """Edge-case and ordinary completions, scored as evaluation and as RFT score them (the same
+    function and keyword arguments: plugin_calls.call_rewards); values finite and in the declared range."""
+    from transformers import TrainerState
+
+    from ..plugin_calls import call_rewards
+
+    answer = "<think> irregular rhythm </think><answer> Atrial Fibrillation </answer>"
     completions = [
         "<think> irregular rhythm </think><answer> Atrial Fibrillation </answer>",
         "no tags at all",
@@ -238,22 +328,27 @@ def reward_values(spec: PluginSpec[Any]) -> list[str]:
         "",
         "x" * 200_000,
         [{"role": "assistant", "content": "<think> t </think><answer> Sepsis; Unknown Thing </answer>"}],
+        "<think> crackles, fever </think><answer> Pneumonia; Sepsis </answer>",
+        "<think> t </think><answer></answer>",
     ]
-    prompts = ["q"] * len(completions)
+    answers = [answer] * 6 + ["<think> r </think><answer> Pneumonia; Sepsis </answer>", "<think> r </think><answer></answer>"]
+    n = len(completions)
+    prompts = ["<ecg> <cxr> <lab> Which diseases does the patient have?"] * n
+    ids = [f"contract-{i}" for i in range(n)]
+    common = dict(answer=answers, ids=ids)
+    forms = {"evaluation": common,
+             "RFT": {**common, "completion_ids": [[1, 2, 3]] * n, "trainer_state": TrainerState()}}
     out = []
-    t0 = time.perf_counter()
-    try:
-        vals = fn(prompts=prompts, completions=completions, solution=answer, answer=answer)
-    except Exception as exc:
-        return [f"{spec.name}: raised {type(exc).__name__}: {exc} on edge-case completions"]
-    dt = time.perf_counter() - t0
-    if not isinstance(vals, list) or len(vals) != len(completions):
-        return [f"{spec.name}: must return a list with one value per completion"]
-    for v in vals:
-        if v is not None and not isinstance(v, (int, float)):
-            out.append(f"{spec.name}: value {v!r} is neither a float nor None")
-    if dt > 0.5:
-        out.append(f"{spec.name}: scoring {len(completions)} edge-case completions took {dt:.3f}s (> 0.5 s)")
+    for form, kwargs in forms.items():
+        t0 = time.perf_counter()
+        try:
+            call_rewards([spec], prompts, completions, **kwargs)
+        except PluginError as err:
+            out.append(f"{spec.name}: scored as in {form} (keyword arguments {', '.join(['prompts', 'completions', *kwargs])}): {err}")
+            continue
+        dt = time.perf_counter() - t0
+        if dt > 0.5:
+            out.append(f"{spec.name}: scoring {n} edge-case completions took {dt:.3f}s (> 0.5 s)")
     return out
 
 
@@ -302,11 +397,13 @@ def llm_build(spec: PluginSpec[Any]) -> list[str]:
 
 
 CHECKS: dict[str, dict[str, Check]] = {
-    "modalities": {"attributes": modality_attributes, "build": modality_build},
-    "encoders": {"attributes": encoder_attributes, "shapes": encoder_shapes, "training": encoder_training},
-    "fusion": {"attributes": fusion_attributes, "masking": fusion_masking, "gradients": fusion_gradients},
-    "rewards": {"signature": reward_signature, "values": reward_values},
-    "llms": {"attributes": llm_attributes, "build": llm_build},
+    "modalities": {"attributes": modality_attributes, "import": plugin_import, "build": modality_build},
+    "encoders": {"attributes": encoder_attributes, "import": plugin_import, "shapes": encoder_shapes,
+                 "training": encoder_training},
+    "fusion": {"attributes": fusion_attributes, "import": plugin_import, "masking": fusion_masking,
+               "gradients": fusion_gradients},
+    "rewards": {"signature": reward_signature, "import": plugin_import, "values": reward_values},
+    "llms": {"attributes": llm_attributes, "import": plugin_import, "build": llm_build},
 }
 
 

@@ -76,17 +76,13 @@ def weighted_rewards(rewards_per_func: torch.Tensor,
 
 def compute_rewards(reward_funcs: Sequence[Callable[..., Sequence[float | None]]], prompts: list[Any],
                     completions: list[Any], names: Sequence[str] | None = None, **kwargs: Any) -> torch.Tensor:
-    """Call each ``f(prompts=, completions=, **kwargs)`` (TRL's contract); ``[N, F]`` float32, None -> NaN."""
-    out = torch.full((len(prompts), len(reward_funcs)), float("nan"))
-    for j, f in enumerate(reward_funcs):
-        vals = f(prompts=prompts, completions=completions, **kwargs)
-        name = names[j] if names else getattr(f, "__name__", type(f).__name__)
-        if vals is None or len(vals) != len(prompts):
-            n = "None" if vals is None else len(vals)
-            raise PluginContractError(f"reward {name!r} returned {n} values for {len(prompts)} completions; "
-                                      "expected one float or None per completion")
-        out[:, j] = torch.tensor([float("nan") if v is None else float(v) for v in vals], dtype=torch.float32)
-    return out
+    """Call each ``f(prompts=, completions=, **kwargs)`` (TRL's contract); ``[N, F]`` float32, None -> NaN.
+
+    Through :func:`medtvt_core.plugin_calls.call_rewards` (as evaluation and the contract kit): a reward
+    that raises or returns a non-finite or out-of-range value is a one-line error naming it."""
+    from ...plugin_calls import call_rewards
+
+    return call_rewards(reward_funcs, prompts, completions, names=names, **kwargs)
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
