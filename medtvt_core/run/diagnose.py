@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch"]
+__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "diagnose_json", "patient_batch"]
+
+#: ``progress(fraction done, what comes next)``: called between the steps of :func:`diagnose`.
+Progress = Callable[[float, str], None]
 
 
 def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
@@ -92,7 +95,8 @@ def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Ma
 @torch.no_grad()
 def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]], *,
              question: str | None = None, max_new_tokens: int | None = None,
-             attribution: bool = True, samples: int = 8, seed: int = 0) -> dict[str, Any]:
+             attribution: bool = True, samples: int = 8, seed: int = 0,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Report, disease set, modality weights and (optionally) per-disease attributions of one patient.
 
     Returns ``{"report", "diseases" (None without a valid answer block), "modality_weights"
@@ -100,7 +104,12 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     """
     from ..answers import answer_set
 
+    step = progress or (lambda f, d: None)
+    step(0.0, "reading the inputs")
     batch = patient_batch(model, processor, inputs, question)
+    # the greedy report is one of 2 + (given modalities) generations when attributions follow
+    n_gen = 1 + (1 + (len(inputs) if len(inputs) > 1 else 0) if attribution else 0)
+    step(0.05, "writing the report")
     feats = processor.generation_features(batch["prompts"])
     modal = {k: batch[k] for k in ("modality_mask", "modality_inputs", "modality_features")}
     new = model.generate(feats["input_ids"], feats["attention_mask"], **modal, do_sample=False,
@@ -116,6 +125,20 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     if attribution:
         from .attribution import patient_attribution
 
+        done = lambda k, what: step(0.05 + 0.95 * (1 + k) / n_gen, what)  # noqa: E731
+        done(0, "sampling reports with every modality")
         out["attribution"] = patient_attribution(model, processor, batch, text, samples=samples, seed=seed,
-                                                 max_new_tokens=max_new_tokens)
+                                                 max_new_tokens=max_new_tokens, progress=done)
+    step(1.0, "done")
     return out
+
+
+def diagnose_json(model_dir: Path, model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]],
+                  *, question: str | None = None, max_new_tokens: int | None = None, samples: int = 8,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """What ``medtvt diagnose --json`` prints, and what the web app shows and its HTTP API returns:
+    :func:`diagnose` (attributions from ``samples`` sampled reports, none when 0) plus ``"model"``."""
+    res = diagnose(model, processor, inputs, question=question, max_new_tokens=max_new_tokens,
+                   attribution=samples > 0, samples=samples, progress=progress)
+    res["model"] = str(model_dir)
+    return res
