@@ -192,7 +192,7 @@ def build_blocks(svc: Diagnoser) -> Any:
                     for key, helptext in svc.extras(m).items():
                         boxes[(m, key)] = gr.Textbox(label=f"{m}-{key}: {helptext}", elem_id=f"in-{m}-{key}", max_lines=1)
                     if svc.has_table(m):
-                        tables[m] = gr.Dataframe(headers=["column", "value"], label=f"{m}: the row given (editable)",
+                        tables[m] = gr.Dataframe(headers=["column", "value"], label=f"{m}: the row given (editable; the {m} input while it holds a row, Clear empties it)",
                                                  interactive=True, static_columns=[0], elem_id=f"table-{m}",
                                                  max_height=260, row_count=0)
                 with gr.Accordion("Options", open=False):
