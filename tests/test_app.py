@@ -147,9 +147,10 @@ def browser(tmp_path):
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2200",
+              "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2300",
               f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
         opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the page's network requests
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
         yield driver
@@ -198,6 +199,14 @@ def test_page_diagnoses_a_patient_in_chromium(server, patient, browser, tmp_path
         imgs = find(f"#{elem} img")
         assert imgs and imgs[0].is_displayed(), f"#{elem}: no figure shown"
         assert d.execute_script("return arguments[0].naturalWidth", imgs[0]) > 100, elem
+    # the page fetched nothing from outside (no fonts, scripts or analytics): every web request is to the app
+    from urllib.parse import urlparse
+
+    urls = [json.loads(e["message"])["message"]["params"]["request"]["url"] for e in d.get_log("performance")
+            if '"Network.requestWillBeSent"' in e["message"]]
+    outside = {u for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss")
+               and urlparse(u).netloc != urlparse(server.url).netloc}
+    assert len(urls) > 10 and not outside, sorted(outside)[:5]
     shot = Path(os.environ.get("MEDTVT_SCREENSHOT_DIR") or tmp_path) / "app.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     d.save_screenshot(str(shot))

@@ -393,4 +393,4 @@ def serve(model_dir: Path, *, run_dir: Path | None = None, host: str = "127.0.0.
         threading.Timer(1.5, webbrowser.open, (url,)).start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python so atexit removes the cache
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -214,7 +214,7 @@ def signal_figure(x: Any, names: Sequence[str] | None, fs: float | None, title: 
     c, t = x.shape
     names = list(names) if names and len(names) == c else [f"ch {i}" for i in range(c)]
     time = [i / fs for i in range(t)] if fs else list(range(t))
-    fig, axes = plt.subplots(c, 1, figsize=(10, 0.75 * c + 0.8), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(c, 1, figsize=(10, 0.55 * c + 0.8), sharex=True, squeeze=False)
     for i, ax in enumerate(axes[:, 0]):
         ax.plot(time, x[i], lw=0.7, color="black")
         ax.set_ylabel(names[i], rotation=0, ha="right", va="center", fontsize=8)
