@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_orchestrator import MEDTVT, _env, medtvt, ok
+from test_orchestrator import MEDTVT, _env, medtvt, medtvt_all, ok, one_line_error
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/lib/chromium/chromedriver"
@@ -225,6 +225,16 @@ def test_page_diagnoses_a_patient_in_chromium(server, patient, browser, tmp_path
     assert "corrupt.jpg" in msg and "JPEG or PNG" in msg, msg
     assert "Traceback" not in d.page_source and "Traceback" not in server.log.read_text()
     assert not _left_behind(server.tmp, "corrupt.jpg")
+
+
+def test_app_command_line_errors_are_one_line(app_run):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken, neither = medtvt_all(("app", "--run", app_run, "--port", port), ("app",))
+    one_line_error(taken, f"--port {port}: cannot listen there")
+    one_line_error(neither, "give exactly one of --model DIR or --run DIR")
 
 
 def test_app_leaves_nothing_when_stopped(server):

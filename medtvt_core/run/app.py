@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -378,6 +379,13 @@ def serve(model_dir: Path, *, run_dir: Path | None = None, host: str = "127.0.0.
     except ModuleNotFoundError as exc:
         raise ConfigError(f"medtvt app needs {exc.name}: pip install 'medtvt[app]'") from None
 
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # before the model loads
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                              "allowed: a free port of this machine's address") from None
     svc = Diagnoser(model_dir, run_dir=run_dir, samples=samples, max_new_tokens=max_new_tokens)
     api = _api(svc)
     # System fonts: the default theme would fetch Google Fonts from the browser.

@@ -11,6 +11,7 @@ the HTTP API and the page share this module.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -145,7 +146,7 @@ def write_table_row(reader: Any, header: Sequence[str], rows: Sequence[Sequence[
     if list(header) and got != list(header):
         raise DataError(f"{reader.name} table: its columns changed ({len(got)} rows, expected the CSV's "
                         f"{len(header)} columns in order); allowed: editing the value column only")
-    values = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in (r[1] for r in rows)]
+    values = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in (r[1] for r in rows)]
     key = dict(zip(got, values)).get(col or "", "")
     if not key.strip():
         raise DataError(f"{reader.name} table: the {col} value is empty; allowed: the row's id")
