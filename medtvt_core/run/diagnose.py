@@ -107,7 +107,8 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     step = progress or (lambda f, d: None)
     step(0.0, "reading the inputs")
     batch = patient_batch(model, processor, inputs, question)
-    # the greedy report is one of 2 + (given modalities) generations when attributions follow
+    # generations: the greedy report; with attributions, the samples with every modality and (given more
+    # than one) without each
     n_gen = 1 + (1 + (len(inputs) if len(inputs) > 1 else 0) if attribution else 0)
     step(0.05, "writing the report")
     feats = processor.generation_features(batch["prompts"])
