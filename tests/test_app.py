@@ -179,6 +179,7 @@ def test_page_diagnoses_a_patient_in_chromium(server, patient, browser, tmp_path
     d.get(server.url)
     _wait(lambda: find("#in-ecg input[type=file]"), 60, "the page")
     assert find("#in-lab-id textarea, #in-lab-id input") and find("#table-lab"), "lab's row id and table are offered"
+    assert find("#example input"), "the run's test patients are offered as examples"
     box = find("#in-lab-id textarea, #in-lab-id input")[0]
     box.send_keys(patient.lab_id, Keys.TAB)
     find("#in-ecg input[type=file]")[0].send_keys(f"{patient.hea}\n{patient.dat}")
