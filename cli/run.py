@@ -1,4 +1,4 @@
-"""``medtvt run``, ``eval``, ``ablate``, ``diagnose`` and ``export``."""
+"""``medtvt run``, ``eval``, ``ablate``, ``diagnose``, ``app`` and ``export``."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
       medtvt diagnose --run runs/demo --ecg data/.../40000017 --cxr data/.../x.jpg --lab data/labs.csv --lab-id 20000017
       medtvt diagnose --model exported/ --cxr image.jpg --json
     """
-    from medtvt_core.run.diagnose import diagnose, load_model_dir, model_dir_of_run
+    from medtvt_core.run.diagnose import diagnose_json, load_model_dir, model_dir_of_run
 
     _logging(False)
     if bool(run_dir) == bool(model_dir):
@@ -216,9 +216,8 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
     path = Path(model_dir) if model_dir else model_dir_of_run(Path(run_dir), stage)
     with contextlib.redirect_stdout(sys.stderr):
         model, processor = load_model_dir(path)
-        res = diagnose(model, processor, given, question=question, max_new_tokens=max_new_tokens,
-                       attribution=samples > 0, samples=samples)
-    res["model"] = str(path)
+        res = diagnose_json(path, model, processor, given, question=question, max_new_tokens=max_new_tokens,
+                            samples=samples)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -239,6 +238,38 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
             click.echo(f"  ({att['other_names']} sampled report(s) also named something outside the disease list)")
 
 
+# ------------------------------------------------------------------------------ app
+@click.command("app")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True), help="A saved model directory.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True),
+              help="A run directory (its test patients become examples).")
+@click.option("--stage", type=click.Choice(["pt", "sft", "rft"]), help="Stage of --run (default: the last completed).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Default sampled reports per condition for the attribution (as diagnose).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the model's.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def app_cmd(model_dir, run_dir, stage, host, port, samples, max_new_tokens, open_browser) -> None:
+    """Serve a saved model as a web page and an HTTP API (needs pip install 'medtvt[app]').
+
+    \b
+      medtvt app --run runs/demo --open
+      curl -F ecg=@r.hea -F ecg=@r.dat -F cxr=@x.jpg -F lab=@labs.csv -F lab-id=2000 localhost:7860/api/diagnose
+    """
+    from medtvt_core.run.app import serve
+    from medtvt_core.run.diagnose import model_dir_of_run
+
+    _logging(False)
+    if bool(run_dir) == bool(model_dir):
+        raise ConfigError("give exactly one of --model DIR or --run DIR")
+    if stage and not run_dir:
+        raise ConfigError("--stage goes with --run")
+    path = Path(model_dir) if model_dir else model_dir_of_run(Path(run_dir), stage)
+    serve(path, run_dir=Path(run_dir) if run_dir else None, host=host, port=port, samples=samples,
+          max_new_tokens=max_new_tokens, open_browser=open_browser, echo=lambda s: click.echo(s, err=True))
+
+
 # ------------------------------------------------------------------------------ export
 @click.command("export")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, exists=True), help="Run directory.")
@@ -255,4 +286,4 @@ def export_cmd(run_dir, stage, out, merge_lora) -> None:
     click.echo(f"exported {stage} of {run_dir} to {path}" + (" (LoRA merged)" if merge_lora else ""))
 
 
-COMMANDS = [run_cmd, eval_cmd, ablate_cmd, diagnose_cmd, export_cmd]
+COMMANDS = [run_cmd, eval_cmd, ablate_cmd, diagnose_cmd, app_cmd, export_cmd]

@@ -19,7 +19,7 @@ tokens, which the LLM can undo, so it is no measure of use by itself.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -100,17 +100,23 @@ def dataset_attribution(model: Any, processor: Any, dataset: Any, *, batch_size:
 
 def patient_attribution(model: Any, processor: Any, batch: Mapping[str, Any], report: str | None = None, *,
                         samples: int = 8, seed: int = 0, temperature: float = 1.0,
-                        max_new_tokens: int | None = None, diseases: Sequence[str] = DISEASES) -> dict[str, Any]:
+                        max_new_tokens: int | None = None, diseases: Sequence[str] = DISEASES,
+                        progress: Callable[[int, str], None] | None = None) -> dict[str, Any]:
     """``{"method", "samples", "p_named": {d: p}, "p_named_without": {m: {d: p}}, "delta": {d: {m: dp}},
     "other_names": n}`` for one patient (``batch`` of one sample); ``d`` runs over the ``diseases`` named
-    in any report; ``other_names`` counts the sampled reports that name something outside them."""
+    in any report; ``other_names`` counts the sampled reports that name something outside them.
+    ``progress(k, what)`` is called after the k-th condition (1: every modality) is sampled."""
     mnt = max_new_tokens or processor.max_new_tokens
     given = [m for j, m in enumerate(model.modalities) if bool(batch["modality_mask"][0, j])]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = _named(model, processor, batch, max_new_tokens=mnt, samples=samples, temperature=temperature)[0]
-        wo = {m: _named(model, processor, mask_modality(batch, model.modalities, processor.placeholders, m),
-                        max_new_tokens=mnt, samples=samples, temperature=temperature)[0] for m in given if len(given) > 1}
+        wo = {}
+        for k, m in enumerate(given if len(given) > 1 else []):
+            if progress:
+                progress(1 + k, f"sampling reports without {m}")
+            wo[m] = _named(model, processor, mask_modality(batch, model.modalities, processor.placeholders, m),
+                           max_new_tokens=mnt, samples=samples, temperature=temperature)[0]
     reports = [*full, *(s for v in wo.values() for s in v)]
     # Sampled reports may name things outside the vocabulary ("disease", a misspelling): they are no
     # disease to attribute, so they are counted, not listed (the metrics count them as wrong names).

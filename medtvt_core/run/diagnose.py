@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -17,7 +17,10 @@ from ..errors import ConfigError, DataError
 from ..model.generation import generate_reports
 from .layout import FINAL
 
-__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "patient_batch", "missing_notice"]
+__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "diagnose_json", "patient_batch", "missing_notice"]
+
+#: ``progress(fraction done, what comes next)``: called between the steps of :func:`diagnose`.
+Progress = Callable[[float, str], None]
 
 
 def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
@@ -104,7 +107,8 @@ def missing_notice(model: Any, given: Any) -> str | None:
 @torch.no_grad()
 def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]], *,
              question: str | None = None, max_new_tokens: int | None = None,
-             attribution: bool = True, samples: int = 8, seed: int = 0) -> dict[str, Any]:
+             attribution: bool = True, samples: int = 8, seed: int = 0,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Report, disease set, modality weights and (optionally) per-disease attributions of one patient.
 
     Returns ``{"report", "diseases" (None without a valid answer block), "modality_weights"
@@ -114,7 +118,13 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     """
     from ..answers import answer_set
 
+    step = progress or (lambda f, d: None)
+    step(0.0, "reading the inputs")
     batch = patient_batch(model, processor, inputs, question)
+    # generations: the greedy report; with attributions, the samples with every modality and (given more
+    # than one) without each
+    n_gen = 1 + (1 + (len(inputs) if len(inputs) > 1 else 0) if attribution else 0)
+    step(0.05, "writing the report")
     text = generate_reports(model, processor, batch, max_new_tokens=max_new_tokens or processor.max_new_tokens).texts[0]
     _, w = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
     weights = None if w is None else {m: float(w[0, j]) for j, m in enumerate(model.modalities)
@@ -126,6 +136,20 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     if attribution:
         from .attribution import patient_attribution
 
+        done = lambda k, what: step(0.05 + 0.95 * (1 + k) / n_gen, what)  # noqa: E731
+        done(0, "sampling reports with every modality")
         out["attribution"] = patient_attribution(model, processor, batch, text, samples=samples, seed=seed,
-                                                 max_new_tokens=max_new_tokens)
+                                                 max_new_tokens=max_new_tokens, progress=done)
+    step(1.0, "done")
     return out
+
+
+def diagnose_json(model_dir: Path, model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]],
+                  *, question: str | None = None, max_new_tokens: int | None = None, samples: int = 8,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """What ``medtvt diagnose --json`` prints, and what the web app shows and its HTTP API returns:
+    :func:`diagnose` (attributions from ``samples`` sampled reports, none when 0) plus ``"model"``."""
+    res = diagnose(model, processor, inputs, question=question, max_new_tokens=max_new_tokens,
+                   attribution=samples > 0, samples=samples, progress=progress)
+    res["model"] = str(model_dir)
+    return res

@@ -48,6 +48,7 @@ class CxrModality(Modality):
     name: ClassVar[str] = "cxr"
     placeholder: ClassVar[str] = "<cxr>"
     record_field: ClassVar[str] = "image"
+    cli_help: ClassVar[str] = "chest radiograph, JPEG or PNG"
     config_class: ClassVar[type[PluginConfig]] = CxrConfig
 
     def __init__(self, **options: Any):

@@ -67,6 +67,7 @@ class EcgModality(Modality):
     name: ClassVar[str] = "ecg"
     placeholder: ClassVar[str] = "<ecg>"
     record_field: ClassVar[str] = "ECG"
+    cli_help: ClassVar[str] = "WFDB record: its .hea header or path without extension (signal files beside it)"
     config_class: ClassVar[type[PluginConfig]] = EcgConfig
 
     def __init__(self, **options: Any):
