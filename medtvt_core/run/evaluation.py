@@ -234,6 +234,7 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     from ..data.cache import FeatureCache, encode_dataset
     from ..data.dataset import open_splits
     from ..data.manifest import read_manifest
+    from ..metrics.display import undefined_reasons
     from .diagnose import load_model_dir, model_dir_of_run
     from .orchestrator import write_json
 
@@ -277,4 +278,6 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     return {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
             "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
             "reward_sampled": {k: v for k, v in (res.get("reward_sampled") or {}).items() if k != "per_record"} or None,
-            "baseline_f1": res.get("baseline", {}).get("f1")}
+            "baseline_f1": res.get("baseline", {}).get("f1"), "protocol": res["protocol"],
+            # null metrics above with the reason (e.g. the reference protocol's F1 when no report has an <answer>)
+            "undefined": undefined_reasons(ce)}
