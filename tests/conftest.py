@@ -72,7 +72,7 @@ def llama3_dir(tmp_path_factory) -> Path:
 
 # Longest files first: with two xdist workers and --dist loadfile, the files that run whole pipelines
 # would otherwise start last and leave one worker idle at the end (CI time, not behaviour).
-_LONGEST_FIRST = ("test_journey.py", "test_orchestrator.py", "test_distributed.py", "test_notes_plugin.py")
+_LONGEST_FIRST = ("test_journey.py", "test_presets_e2e.py", "test_orchestrator.py", "test_distributed.py", "test_notes_plugin.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -140,9 +140,14 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
             lines.append(f"- {k}: unavailable ({why})")
         lines += _undefined_notes({s: m["ce"] for s, m in stages.items()})
         last = list(stages)[-1]
-        per = stages[last]["ce"].get("per_category", {})
+        per, proto = stages[last]["ce"].get("per_category", {}), stages[last].get("protocol", "strict")
+        if per and not all("precision" in v for v in per.values()):
+            # the reference protocol reports per category only tp/fp/fn and AUC: the table is the strict one's
+            proto = "strict"
+            per = stages[last].get("by_protocol", {}).get(proto, {}).get("ce", {}).get("per_category", {})
         if per:
-            lines += ["", f"## Per category ({last.upper()})", "", "| category | support | precision | recall | F1 | AUC |",
+            lines += ["", f"## Per category ({last.upper()}, `{proto}` protocol)", "",
+                      "| category | support | precision | recall | F1 | AUC |",
                       "|---|---|---|---|---|---|"]
             for d, v in per.items():
                 lines.append(f"| {d} | {v.get('support')} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | {_fmt(v.get('auc'))} |")
