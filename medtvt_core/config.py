@@ -216,7 +216,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate only the first N test records")
     do_sample: bool = Field(False, description="greedy decoding by default")
-    metrics: list[str] = Field(default_factory=lambda: ["bleu", "rouge", "meteor", "bertscore"])
+    # Literal: an unknown metric is refused with the config, not after training (as metrics.NLG_METRICS)
+    metrics: list[Literal["bleu", "rouge", "meteor", "bertscore"]] = Field(
+        default_factory=lambda: ["bleu", "rouge", "meteor", "bertscore"])
     protocols: list[Literal["strict", "reference"]] = Field(
         default_factory=lambda: ["strict", "reference"], min_length=1,
         description="evaluation protocols, the first is the primary one: strict (a missing answer is an empty set, "

@@ -62,10 +62,18 @@ def tiny_config(tmp_path_factory, cohort) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory) -> Path:
+    """A LLaMA-3 model directory (real tokenizer, tiny random LlamaForCausalLM, 128,256 rows); see llama3_fixture."""
+    from llama3_fixture import make_llama3_model_dir
+
+    return make_llama3_model_dir(tmp_path_factory.mktemp("llama3") / "Llama-3-tiny")
+
+
 # Longest files first: with two xdist workers and --dist loadfile, the files that run whole pipelines
 # would otherwise start last and leave one worker idle at the end (CI time, not behaviour).
-_LONGEST_FIRST = ("test_journey.py", "test_orchestrator.py", "test_distributed.py", "test_notes_plugin.py",
-                  "test_plugin_authors.py")
+_LONGEST_FIRST = ("test_journey.py", "test_presets_e2e.py", "test_orchestrator.py", "test_distributed.py",
+                  "test_notes_plugin.py", "test_plugin_authors.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -35,6 +35,12 @@ def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[st
         raise ConfigError(f"placeholder(s) {', '.join(clash)} are already tokens of the LLM's tokenizer; "
                           f"a modality placeholder must be a new token")
     tok.add_special_tokens({"extra_special_tokens": list(placeholders.values())}, replace_extra_special_tokens=False)
+    # The processor checks the prompt's tokens (answer end token, BOS) against the tokenizer: made
+    # first, so a token the tokenizer lacks is refused before the model is built or trained.
+    processor = MedTVTProcessor(tok, placeholders, cfg.projector.tokens_per_modality, readers=readers,
+                                prompt_format=cfg.prompt.format, answer_end_token=cfg.prompt.answer_end_token,
+                                chat_template_kwargs=cfg.prompt.chat_template_kwargs,
+                                default_question=default_question, max_new_tokens=cfg.eval.max_new_tokens)
     text_config = backbone.text_config(tok)
     config = MedTVTConfig(
         modalities=list(cfg.modalities), encoders={m: cfg.encoders[m] for m in cfg.modalities},
@@ -49,8 +55,4 @@ def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[st
                               f"but encoder {cfg.encoders[m].name!r} consumes {want}; align the reader options "
                               f"(data.modality_options.{m}) with the encoder")
     model.backbone.prepare_base(model.llm, tok, corpus)
-    processor = MedTVTProcessor(tok, placeholders, config.tokens_per_modality, readers=readers,
-                                prompt_format=cfg.prompt.format, answer_end_token=cfg.prompt.answer_end_token,
-                                chat_template_kwargs=cfg.prompt.chat_template_kwargs,
-                                default_question=default_question, max_new_tokens=cfg.eval.max_new_tokens)
     return model, processor

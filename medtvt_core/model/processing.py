@@ -108,7 +108,8 @@ class MedTVTProcessor:
         self.answer_end_token = answer_end_token or tokenizer.eos_token
         end = tokenizer.convert_tokens_to_ids(self.answer_end_token)
         if end is None or end == tokenizer.unk_token_id:
-            raise ConfigError(f"answer end token {self.answer_end_token!r} is not a token of the tokenizer")
+            raise ConfigError(f"prompt.answer_end_token: answer end token {self.answer_end_token!r} is not a token of "
+                              f"the tokenizer; set a token it has, or null for its EOS {tokenizer.eos_token!r}")
         self.eos_token_id = int(end)  # what ends an answer in training, and generation
         #: Generation stops at the answer end token or the tokenizer's EOS.
         self.stop_token_ids = list(dict.fromkeys([self.eos_token_id, int(tokenizer.eos_token_id)]))

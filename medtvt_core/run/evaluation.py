@@ -243,6 +243,7 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     from ..data.cache import FeatureCache, encode_dataset
     from ..data.dataset import open_splits
     from ..data.manifest import read_manifest
+    from ..metrics.display import undefined_reasons
     from .diagnose import load_model_dir, model_dir_of_run
 
     if run_dir is not None:
@@ -308,7 +309,10 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     out = {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
            "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
            "reward_sampled": {k: v for k, v in (res.get("reward_sampled") or {}).items() if k != "per_record"} or None,
-           "baseline_f1": res.get("baseline", {}).get("f1"), "modalities": res["modalities"]}
+           "baseline_f1": res.get("baseline", {}).get("f1"), "protocol": res["protocol"],
+           "modalities": res["modalities"],
+           # null metrics above with the reason (e.g. the reference protocol's F1 when no report has an <answer>)
+           "undefined": undefined_reasons(ce)}
     if res.get("subsets"):
         out["subsets"] = {n: {"f1": r["f1"], "answer_rate": r["answer_rate"], "reward": r["reward"],
                               "evidence_f1": r.get("evidence_f1"), "evidence_f1_all": r.get("evidence_f1_all")}

@@ -61,6 +61,10 @@ def model_card(run_dir: Path, stage: str, model: Any, *, merged: bool) -> str:
         lines += ["| F1 | precision | recall | AUC | BLEU | ROUGE-L | METEOR | BERTScore |", "|---|---|---|---|---|---|---|---|",
                   f"| {_fmt(ce['f1'])} | {_fmt(ce['precision'])} | {_fmt(ce['recall'])} | {_fmt(ce.get('auc'))} | "
                   f"{_fmt(nlg.get('bleu'))} | {_fmt(nlg.get('rouge'))} | {_fmt(nlg.get('meteor'))} | {_fmt(nlg.get('bertscore'))} |"]
+        from ..metrics.display import undefined_reasons
+
+        lines += ["", f"Protocol: `{m.get('protocol', 'strict')}`."]
+        lines += [f"- {k}: n/a ({r})" for k, r in undefined_reasons(ce).items()]
         base = metrics.get("baseline")
         if base:
             lines += ["", f"Majority-class baseline F1: {_fmt(base.get('f1'))} ({base.get('strategy')})."]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -424,9 +425,9 @@ class Run:
             if self.cfg.evaluate:
                 self.echo(f"[{stage}] evaluating on {len(self.splits['test'])} test records")
                 self.metrics[stage] = self.evaluate_stage(stage)
-                ce = self.metrics[stage]["ce"]
-                self.echo(f"[{stage}] F1 {ce['f1']:.4f} precision {ce['precision']:.4f} recall {ce['recall']:.4f} "
-                          f"AUC {ce['auc'] if ce['auc'] is None else round(ce['auc'], 4)}")
+                from ..metrics.display import ce_line
+
+                self.echo(f"[{stage}] {ce_line(self.metrics[stage]['ce'])} ({self.metrics[stage].get('protocol')} protocol)")
         self.timings["total"] = time.perf_counter() - t_start
         self.finish()
         return self.metrics

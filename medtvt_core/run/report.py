@@ -18,6 +18,19 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
+def _undefined_notes(ces: dict[str, dict[str, Any]], where: str = "") -> list[str]:
+    """One line per stage whose clinical-efficacy numbers are n/a, saying why."""
+    from ..metrics.display import undefined_reasons
+
+    out = []
+    for s, ce in ces.items():
+        why = undefined_reasons(ce)
+        for reason in dict.fromkeys(why.values()):
+            keys = ", ".join(k for k, r in why.items() if r == reason)
+            out.append(f"- {s.upper()}{f' ({where})' if where else ''}: {keys} n/a: {reason}")
+    return out
+
+
 def _savefig(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -130,10 +143,16 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
                        if isinstance(v, dict) and v.get("available") is False}
         for k, why in unavailable.items():
             lines.append(f"- {k}: unavailable ({why})")
+        lines += _undefined_notes({s: m["ce"] for s, m in stages.items()})
         last = list(stages)[-1]
-        per = stages[last]["ce"].get("per_category", {})
+        per, proto = stages[last]["ce"].get("per_category", {}), stages[last].get("protocol", "strict")
+        if per and not all("precision" in v for v in per.values()):
+            # the reference protocol reports per category only tp/fp/fn and AUC: the table is the strict one's
+            proto = "strict"
+            per = stages[last].get("by_protocol", {}).get(proto, {}).get("ce", {}).get("per_category", {})
         if per:
-            lines += ["", f"## Per category ({last.upper()})", "", "| category | support | precision | recall | F1 | AUC |",
+            lines += ["", f"## Per category ({last.upper()}, `{proto}` protocol)", "",
+                      "| category | support | precision | recall | F1 | AUC |",
                       "|---|---|---|---|---|---|"]
             for d, v in per.items():
                 lines.append(f"| {d} | {v.get('support')} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | {_fmt(v.get('auc'))} |")
@@ -179,6 +198,7 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
                 lines.append(f"| {s_.upper()} | {_fmt(nlg.get('meteor'))} | {_fmt(nlg.get('rouge'))} | {_fmt(nlg.get('bleu'))} | "
                              f"{_fmt(nlg.get('bertscore'))} | {_fmt(ce.get('precision'))} | {_fmt(ce.get('recall'))} | "
                              f"{_fmt(ce.get('f1'))} | {_fmt(ce.get('auc'))} | {ce.get('n_averaged', '')} |")
+            lines += ["", *_undefined_notes({s_: m["ce"] for s_, m in ref.items()}, "reference protocol")]
             prim = next(iter(stages.values())).get("protocol", "strict")
             lines += ["", f"The tables above use the `{prim}` protocol (metrics.json: `ce`/`nlg`; every protocol under "
                           f"`by_protocol`)."]

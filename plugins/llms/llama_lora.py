@@ -3,8 +3,10 @@
 Weights come from a local Hugging Face directory (``model_path``; never fetched from a hub,
 safetensors only) or are built at random from a named architecture (``variant``: ``tiny`` for
 tests and the demo, ``llama-3.2-1b`` for throughput benchmarks).  The tokenizer is the model
-directory's own; without one, a byte-level BPE tokenizer is trained offline on the run's text
-(``corpus``) with the ``tokenizers`` library (the model's processor saves it with the model).
+directory's own; without one, ``llama-3.2-1b`` gets LLaMA-3's tokenizer built offline
+(:mod:`.llama3_tokenizer`, needs ``quicktok-v1``; refused before any work without it) and ``tiny``
+a byte-level BPE tokenizer trained offline on the run's text (``corpus``) with the ``tokenizers``
+library (the model's processor saves either with the model).
 
 The core adds each modality placeholder (``<ecg>``, ...) as one special token; the reasoning
 tags ``<think> </think> <answer> </answer>`` of a trained tokenizer are single, non-special
@@ -23,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medtvt_core import hookimpl
 from medtvt_core.contracts import LLMBackbone, PluginConfig
@@ -81,7 +83,7 @@ class LlamaLoraConfig(PluginConfig):
     gradient_checkpointing: bool = Field(False, description="recompute LLM activations in backward to save memory")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel of transformers")
     tokenizer_vocab_size: int = Field(
-        4000, ge=300, description="vocabulary of the BPE tokenizer trained on the corpus (no model_path)")
+        4000, ge=300, description="vocabulary of the BPE tokenizer trained on the corpus (variant tiny, no model_path)")
     tokenizer_min_frequency: int = Field(2, ge=1, description="min pair count of a BPE merge (trained tokenizer)")
     seed: int = Field(0, description="seed of the random initialisation (no model_path)")
     pretrain_steps: int = Field(
@@ -97,6 +99,17 @@ class LlamaLoraConfig(PluginConfig):
         if not v:
             raise ValueError("at least one target module is required, e.g. q_proj")
         return v
+
+    @model_validator(mode="after")
+    def _llama3_tokenizer_source(self) -> "LlamaLoraConfig":
+        # Checked with the options (before any work): the random 1B base has LLaMA-3's vocabulary,
+        # whose tokenizer is built from quicktok when no model directory provides it.
+        if self.model_path is None and self.variant == "llama-3.2-1b":
+            from .llama3_tokenizer import NEEDS, quicktok_available
+
+            if not quicktok_available():
+                raise ValueError(f"variant 'llama-3.2-1b' without model_path needs LLaMA-3's tokenizer: {NEEDS}")
+        return self
 
 
 # --------------------------------------------------------------------------- helpers
@@ -286,7 +299,8 @@ class LlamaLoraBackbone(LLMBackbone):
 
     # ---------------------------------------------------------------- build
     def load_tokenizer(self, corpus: Callable[[], Sequence[str]] | None = None):
-        """The model directory's tokenizer, else one trained on ``corpus()``; a pad token is set."""
+        """The model directory's tokenizer, else LLaMA-3's (``llama-3.2-1b``) or one trained on
+        ``corpus()`` (``tiny``); a pad token is set."""
         from transformers import AutoTokenizer
 
         if self.pretrained_path is not None:
@@ -295,6 +309,10 @@ class LlamaLoraBackbone(LLMBackbone):
                 tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"tokenizer in {src} cannot be loaded: {exc}".replace("\n", " ")) from None
+        elif self.config.variant == "llama-3.2-1b":
+            from .llama3_tokenizer import build_llama3_tokenizer
+
+            tok = build_llama3_tokenizer()
         else:
             if corpus is None:
                 raise ConfigError(

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from ...errors import ConfigError, PluginContractError
+from ...errors import ConfigError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
