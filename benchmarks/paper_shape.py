@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             r.update(dtype=dtype, checkpointing=setting, peak_rss_bytes=mem["peak"], layers=args.layers,
                      vocab=args.vocab, shape=label)
             rows.append(r)
+            print(f"  {stage.upper()} {dtype} checkpointing {setting}: {r['s_per_step']:.2f} s/step, peak RSS "
+                  f"{benchlib.gib(mem['peak'])}", flush=True)  # progress: a full-size stage takes minutes
             gc.collect()
         del model, processor
         gc.collect()

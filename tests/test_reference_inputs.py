@@ -166,3 +166,15 @@ def test_nan_policy_zero_resamples_first_as_the_reference(tmp_path, fs):
     assert (got[3] == 0).all() and (got[7] == 0).all()  # one NaN sample: the whole lead is zero
     assert all(np.abs(got[i]).max() > 0.05 for i in range(12) if i not in (3, 7))
     assert mod.nan_filled_records == 1 and mod.nan_filled_samples == 6
+
+
+def test_normalize_input_names_only_configured_modalities():
+    from medtvt_core.errors import ConfigError
+
+    cfg = resolve_config(preset="paper", sets=["modalities=[ecg,lab]"])  # an ablation keeps the list
+    assert cfg.projector.normalize_input == ["cxr", "lab"]
+    assert resolve_config(preset="demo", sets=["projector.normalize_input=true"]).projector.normalize_input is True
+    with pytest.raises(ConfigError) as e:
+        resolve_config(preset="paper", sets=["projector.normalize_input=[cxr,ekg]"])
+    msg = str(e.value)
+    assert "\n" not in msg and "projector.normalize_input names ekg" in msg and "a list of ecg, cxr, lab" in msg
