@@ -25,7 +25,8 @@ from test_orchestrator import MEDTVT, _env, medtvt, ok, one_line_error
 # SFT: 6 epochs over the 90 records the preset's rft_holdout 0.5 leaves it, 36 optimizer steps (4 epochs
 # gave 24, and left the first test patient's report without an <answer> block).
 SHORT = ["pt.epochs=3", "sft.epochs=6", "rft.max_steps=4", "llm.options.pretrain_steps=150",
-         "eval.sampled_reward_samples=2"]
+         "eval.sampled_reward_samples=2",
+         "rft.eval_steps=0", "rft.metric_for_best_model=null"]  # the demo's validation: test_validation.py
 
 
 @pytest.fixture(scope="module")

@@ -117,8 +117,11 @@ def _train_with_validation(cohort, tmp_path, box, reward, steps=8):
     saved = []
 
     def run(m, step):
-        return validate(m, proc, val_ds, rewards=[RewardRef(name="task")], max_new_tokens=8, batch_size=32, samples=4,
-                        temperature=1.0, top_p=1.0, seed=0, step=step)
+        rng = torch.get_rng_state()
+        e = validate(m, proc, val_ds, rewards=[RewardRef(name="task")], max_new_tokens=8, batch_size=32, samples=4,
+                     temperature=1.0, top_p=1.0, seed=0, step=step)
+        assert torch.equal(rng, torch.get_rng_state())  # validating leaves training's random stream alone
+        return e
 
     live = []  # what the run's log would say, as it happens
 
