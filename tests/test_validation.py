@@ -20,7 +20,7 @@ def test_validation_split_is_seeded_disjoint_and_independent_of_order():
     rest, val = carve_validation(recs, 0.1, seed=0)
     assert {id(r) for r in rest}.isdisjoint({id(r) for r in val}) and len(rest) + len(val) == 400
     assert 25 <= len(val) <= 55  # ~40 expected
-    rest2, val2 = carve_validation(recs[::-1], 0.1, seed=0)
+    _, val2 = carve_validation(recs[::-1], 0.1, seed=0)
     assert {r.id for r in val2} == {r.id for r in val}  # the file order does not matter
     assert {r.id for r in carve_validation(recs, 0.1, seed=1)[1]} != {r.id for r in val}  # the seed does
 
