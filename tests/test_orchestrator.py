@@ -44,6 +44,7 @@ TINY_SETS = [
     "rft.save_steps=1", "rft.logging_steps=1",
     "eval.max_new_tokens=16", "eval.limit=4", "eval.metrics=[bleu,rouge]",
     "llm.options.pretrain_steps=5",
+    "rft.eval_steps=0", "rft.metric_for_best_model=null",  # the demo's validation: tested in test_validation.py
 ]
 
 

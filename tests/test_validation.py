@@ -19,7 +19,7 @@ def test_validation_split_is_seeded_disjoint_and_independent_of_order():
     rest, val = carve_validation(recs, 0.1, seed=0)
     assert {id(r) for r in rest}.isdisjoint({id(r) for r in val}) and len(rest) + len(val) == 400
     assert 25 <= len(val) <= 55  # ~40 expected
-    rest2, val2 = carve_validation(recs[::-1], 0.1, seed=0)
+    _, val2 = carve_validation(recs[::-1], 0.1, seed=0)
     assert {r.id for r in val2} == {r.id for r in val}  # the file order does not matter
     assert {r.id for r in carve_validation(recs, 0.1, seed=1)[1]} != {r.id for r in val}  # the seed does
 
@@ -116,8 +116,11 @@ def _train_with_validation(cohort, tmp_path, box, reward, steps=8):
     saved = []
 
     def run(m, step):
-        return validate(m, proc, val_ds, rewards=[RewardRef(name="task")], max_new_tokens=8, batch_size=32, samples=4,
-                        temperature=1.0, top_p=1.0, seed=0, step=step)
+        rng = torch.get_rng_state()
+        e = validate(m, proc, val_ds, rewards=[RewardRef(name="task")], max_new_tokens=8, batch_size=32, samples=4,
+                     temperature=1.0, top_p=1.0, seed=0, step=step)
+        assert torch.equal(rng, torch.get_rng_state())  # validating leaves training's random stream alone
+        return e
 
     live = []  # what the run's log would say, as it happens
 
