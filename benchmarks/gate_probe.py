@@ -1,7 +1,7 @@
 """How much the CAO gates change a trained model's reports (docs/partial_patients.md, "The CAO gates").
 
 Regenerates the greedy test reports of a run's last stage with every present modality's gate
-forced to 1 (the gate removed) and to 0.5, and counts the reports whose disease set changes and the
+forced to 1 (the gate removed), and counts the reports whose disease set changes and the
 F1 with each. The tokens enter the LLaMA through an RMSNorm, which undoes a per-token scale, so a
 gate that the reports barely depend on cannot tell which modality a diagnosis used.
 
@@ -50,7 +50,7 @@ def main() -> None:
     gates = torch.tensor([list(r["weights"].values()) for r in base if r["weights"]])
     out["gate_mean"] = gates.mean(0).tolist()
     out["gate_std_over_patients"] = gates.std(0).tolist()
-    for value in (1.0, 0.5):
+    for value in (1.0,):
         fusion.gates = lambda x, mask, v=value: mask.to(x.dtype) * v  # instance attribute: this probe only
         recs = gen()
         del fusion.gates
