@@ -368,3 +368,17 @@ def test_plugins_list_aligns_long_names():
     rows = [re.match(r"^  (\S+)( +)(\S+)", ln) for ln in res.stdout.splitlines() if ln.startswith("  ")]
     assert any(len(m.group(1)) > 14 for m in rows)  # jaccard-normalized
     assert len({len(m.group(1)) + len(m.group(2)) for m in rows}) == 1, res.stdout
+
+
+def test_plugins_new_refuses_taken_and_bad_names(tmp_path):
+    from medtvt_cli.main import cli
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    for args, needle in ((["reward", "format"], "a rewards plugin named 'format' is already installed (distribution medtvt)"),
+                         (["modality", "ecg"], "a modalities plugin named 'ecg' is already installed"),
+                         (["reward", "Answer Count"], "must be lowercase letters and digits"),
+                         (["reward", "fresh", "--out", str(tmp_path / "full")], "exists and is not an empty directory")):
+        res = CliRunner().invoke(cli, ["plugins", "new", *args])
+        assert res.exit_code == 2 and res.stderr.splitlines() == [res.stderr.strip()] and needle in res.stderr, res.stderr
+    assert (tmp_path / "full" / "x.txt").read_text() == "mine"
