@@ -309,6 +309,14 @@ def test_run_time_errors_name_the_plugin(tmp_path):
                                           r"input ecg/p1$") as err:
         encode_frozen(enc, torch.zeros(1, 12, 64), ["ecg/p1"])
     assert isinstance(err.value.__cause__, RuntimeError)
+    # feature_shape right only under contract_options: the cache names the encoder, not a stale cache
+    shape_cat = _planted("encoder", "shape-encoder", [("self.feature_shape = (int(steps), cfg.channels)",
+                                                       "self.feature_shape = (16, 16)")], tmp_path)
+    enc = shape_cat.encoders.get("shape-encoder")()  # the defaults a run gets: 1000 samples, 64 channels
+    with pytest.raises(PluginError, match=r"^encoder ShapeEncoderEncoder \(.*\): encode\(\) returned \(2, 63, 64\) for "
+                                          r"a batch of 2 inputs \(ecg/p1, \.\.\.\), but its feature_shape \(16, 16\) "
+                                          r"promises \(2, 16, 16\)$"):
+        encode_frozen(enc, torch.zeros(2, 12, 1000), ["ecg/p1", "ecg/p2"])
 
 
 def test_swapping_a_plugin_by_name_resets_its_options(tmp_path):
