@@ -40,6 +40,13 @@ def new_plugin(kind: str, name: str, out: Path | None = None) -> Path:
         raise ConfigError(f"plugins new: name {name!r} must be lowercase letters and digits joined by '-' or '_' "
                           f"(at most 40 characters), e.g. answer-count")
     registry, noun, run = KINDS[kind]
+    from .plugins import get_catalog
+
+    cat = get_catalog()  # an installed name would make both plugins fail to load (names are unique per kind)
+    for reg, taken in ((registry, name), *((("encoders", f"{name}-mlp"),) if kind == "modality" else ())):
+        if taken in cat[reg]:
+            raise ConfigError(f"plugins new: a {reg} plugin named {taken!r} is already installed (distribution "
+                              f"{cat[reg].spec(taken).dist}); choose another name")
     snake = name.replace("-", "_")
     values = {"name": name, "kind": kind, "registry": registry, "noun": noun, "dist": f"medtvt-{name.replace('_', '-')}",
               "package": f"medtvt_{snake}", "func": f"{snake}_reward",

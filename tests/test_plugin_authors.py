@@ -309,6 +309,14 @@ def test_run_time_errors_name_the_plugin(tmp_path):
                                           r"input ecg/p1$") as err:
         encode_frozen(enc, torch.zeros(1, 12, 64), ["ecg/p1"])
     assert isinstance(err.value.__cause__, RuntimeError)
+    # feature_shape right only under contract_options: the cache names the encoder, not a stale cache
+    shape_cat = _planted("encoder", "shape-encoder", [("self.feature_shape = (int(steps), cfg.channels)",
+                                                       "self.feature_shape = (16, 16)")], tmp_path)
+    enc = shape_cat.encoders.get("shape-encoder")()  # the defaults a run gets: 1000 samples, 64 channels
+    with pytest.raises(PluginError, match=r"^encoder ShapeEncoderEncoder \(.*\): encode\(\) returned \(2, 63, 64\) for "
+                                          r"a batch of 2 inputs \(ecg/p1, \.\.\.\), but its feature_shape \(16, 16\) "
+                                          r"promises \(2, 16, 16\)$"):
+        encode_frozen(enc, torch.zeros(2, 12, 1000), ["ecg/p1", "ecg/p2"])
 
 
 def test_swapping_a_plugin_by_name_resets_its_options(tmp_path):
@@ -368,3 +376,17 @@ def test_plugins_list_aligns_long_names():
     rows = [re.match(r"^  (\S+)( +)(\S+)", ln) for ln in res.stdout.splitlines() if ln.startswith("  ")]
     assert any(len(m.group(1)) > 14 for m in rows)  # jaccard-normalized
     assert len({len(m.group(1)) + len(m.group(2)) for m in rows}) == 1, res.stdout
+
+
+def test_plugins_new_refuses_taken_and_bad_names(tmp_path):
+    from medtvt_cli.main import cli
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    for args, needle in ((["reward", "format"], "a rewards plugin named 'format' is already installed (distribution medtvt)"),
+                         (["modality", "ecg"], "a modalities plugin named 'ecg' is already installed"),
+                         (["reward", "Answer Count"], "must be lowercase letters and digits"),
+                         (["reward", "fresh", "--out", str(tmp_path / "full")], "exists and is not an empty directory")):
+        res = CliRunner().invoke(cli, ["plugins", "new", *args])
+        assert res.exit_code == 2 and res.stderr.splitlines() == [res.stderr.strip()] and needle in res.stderr, res.stderr
+    assert (tmp_path / "full" / "x.txt").read_text() == "mine"
