@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, MedtvtError
-from .uploads import (attribution_figure, choose_input, example_patients, gates_figure, image_figure, public_message,
+from .uploads import (_plt, attribution_figure, choose_input, example_patients, gates_figure, image_figure, public_message,
                       signal_figure, stage_files, table_of_row, write_table_row)
 
 __all__ = ["AppInputError", "Diagnoser", "serve", "API_PATH"]
@@ -61,6 +61,7 @@ class Diagnoser:
         self.readers = {m: self.processor.readers[m] for m in self.modalities}
         self.samples, self.max_new_tokens = samples, max_new_tokens
         self.examples = example_patients(run_dir, self.model, self.processor)
+        _plt()  # matplotlib's import is seconds: paid at start, not by the first patient
         self._lock = threading.Lock()  # one generation at a time: the model is shared and CPU-bound
 
     def extras(self, m: str) -> dict[str, str]:
