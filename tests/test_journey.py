@@ -42,6 +42,9 @@ def test_the_demo_learns_as_the_readme_promises(demo):
     """SFT F1 (strict protocol, 60 test records) at least the stronger majority-class baseline + 0.15,
     and RFT's greedy reward on the held-out test records at least SFT's (docs/results.md: +0.013 to
     +0.059 over seeds 0, 1, 2; seed 0 here)."""
+    # Measured once (one thread, seed 0, this code): baseline 0.4306, SFT F1 0.5773 (bar 0.5806: short
+    # by 0.003), RFT F1 0.6538; greedy reward SFT 1.4669 -> RFT 1.5381. The bar is the issue's; the
+    # demo preset, not this test, has to meet it.
     m = json.loads((demo / "metrics.json").read_text())
     sft, rft, base = m["stages"]["sft"], m["stages"]["rft"], m["baseline"]
     assert sft["protocol"] == "strict" and sft["n"] == 60
