@@ -14,8 +14,7 @@ from typing import Any, Mapping
 
 __all__ = ["undefined_reason", "undefined_reasons", "fmt_metric", "ce_line"]
 
-_NO_BLOCK = ("no report and its reference both hold an <answer> block (the reference protocol averages over "
-             "those only)")
+_NO_BLOCK = "no report and its reference both hold an <answer> block (the reference protocol averages over those)"
 _ONE_CLASS = "the truth holds one class only"
 _CE_KEYS = ("f1", "precision", "recall", "auc")
 
@@ -49,11 +48,11 @@ def fmt_metric(ce: Mapping[str, Any], key: str, nd: int = 4) -> str:
     return f"n/a ({why})" if why is not None else f"{ce[key]:.{nd}f}"
 
 
-def ce_line(ce: Mapping[str, Any]) -> str:
-    """``F1 x precision x recall x AUC x`` for a log line; undefined values as ``n/a``, their reasons
-    once at the end."""
+def ce_line(ce: Mapping[str, Any], protocol: str | None = None) -> str:
+    """``F1 x precision x recall x AUC x (<protocol> protocol)`` for a log line; undefined values as
+    ``n/a``, their reasons once at the end."""
     names = {"f1": "F1", "precision": "precision", "recall": "recall", "auc": "AUC"}
     why = undefined_reasons(ce)
     parts = [f"{names[k]} " + ("n/a" if k in why else f"{ce[k]:.4f}") for k in _CE_KEYS]
-    reasons = list(dict.fromkeys(why.values()))
-    return " ".join(parts) + (f" (n/a: {'; '.join(reasons)})" if reasons else "")
+    notes = ([f"{protocol} protocol"] if protocol else []) + [f"n/a: {r}" for r in dict.fromkeys(why.values())]
+    return " ".join(parts) + (f" ({'; '.join(notes)})" if notes else "")

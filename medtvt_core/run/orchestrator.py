@@ -427,7 +427,7 @@ class Run:
                 self.metrics[stage] = self.evaluate_stage(stage)
                 from ..metrics.display import ce_line
 
-                self.echo(f"[{stage}] {ce_line(self.metrics[stage]['ce'])} ({self.metrics[stage].get('protocol')} protocol)")
+                self.echo(f"[{stage}] {ce_line(self.metrics[stage]['ce'], self.metrics[stage].get('protocol'))}")
         self.timings["total"] = time.perf_counter() - t_start
         self.finish()
         return self.metrics
