@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from medtvt_core.config import RewardRef
 from medtvt_core.run.alarm import alarms_over_training, reward_hacking_alarm
