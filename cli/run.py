@@ -138,7 +138,7 @@ def eval_cmd(run_dir, stage, model_dir, data_root, split, sets, given, quiet) ->
       medtvt eval --run runs/demo --modalities ecg,lab # kept apart in metrics.json (by_modalities)
       medtvt eval --run runs/demo --set eval.modality_subsets=all-singles   # table in report.md
     """
-    from medtvt_core.run.evaluation import evaluate_saved
+    from medtvt_core.run.reevaluate import evaluate_saved
 
     _logging(False)
     bad = [s for s in sets if not s.startswith("eval.")]

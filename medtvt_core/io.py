@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_write_text", "write_json"]
+__all__ = ["atomic_path", "atomic_dir", "atomic_write_text", "save_figure", "write_json"]
 
 
 def _umask_mode(mode: int) -> int:
@@ -59,6 +59,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON atomically (numbers that are not JSON types, e.g. numpy, as floats)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, default=float))
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 @contextlib.contextmanager

@@ -18,8 +18,9 @@ from typing import Any, Callable, Sequence
 from ..build import validate_run
 from ..errors import ConfigError
 from ..io import atomic_write_text, write_json
+from .evaluation import per_record
 
-__all__ = ["parse_grid", "variant_name", "per_record", "run_grid", "PER_RECORD_METRICS", "PAPER_TABLES"]
+__all__ = ["parse_grid", "variant_name", "run_grid", "PER_RECORD_METRICS", "PAPER_TABLES"]
 
 PAPER_TABLES = {"stages": "table1", "fusion": "table3", "modalities": "table3"}
 #: Per-record scores the tables summarise (F1/precision/recall of the strict protocol, rewards).
@@ -44,31 +45,6 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 def variant_name(combo: dict[str, str]) -> str:
     return "__".join(f"{k.replace('.', '-')}-{v.replace('+', '_')}" for k, v in combo.items()) or "base"
-
-
-def per_record(records: Sequence[dict[str, Any]], rewards: Sequence[Any],
-               sampled: dict[str, float] | None = None) -> dict[str, dict[str, float | None]]:
-    """``{metric: {record id: score}}`` of one run's predictions: the strict protocol's per-sample
-    precision/recall/F1, the weighted sum of the run's rewards on the greedy report, the mean
-    reward of the sampled reports (``sampled``, when evaluated), and per disease ``named/<d>``:
-    1 if the report names ``d``, 0 if not, for records whose reference holds ``d`` (undefined for
-    the others), i.e. each disease's sensitivity as a per-record score."""
-    from ..data.labels import DISEASES
-    from ..metrics.clinical import _per_sample, pred_sets, ref_sets
-    from .evaluation import reward_values
-
-    ids = [r["id"] for r in records]
-    preds, refs = pred_sets(r["prediction"] for r in records), ref_sets(r["reference"] for r in records)
-    per = [_per_sample(a, b) for a, b in zip(preds, refs)]
-    p, rc, f = ([x[i] for x in per] for i in range(3))
-    out: dict[str, dict[str, float | None]] = {
-        "f1": dict(zip(ids, f)), "precision": dict(zip(ids, p)), "recall": dict(zip(ids, rc)),
-        "reward": dict(zip(ids, reward_values(records, rewards)))}
-    if sampled:
-        out["reward_sampled"] = {i: sampled.get(i) for i in ids}
-    for d in DISEASES:
-        out[f"named/{d}"] = {i: (float(d in pr) if d in rf else None) for i, pr, rf in zip(ids, preds, refs)}
-    return out
 
 
 def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: list[tuple[str, list[str]]],

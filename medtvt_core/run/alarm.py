@@ -19,9 +19,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .validation import validations
 
 MIN_RECORDS = 5  # a percentile bootstrap over fewer records has too few distinct resamples to mean much
+
+
+def validations(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation entries of a stage's history, in step order (one per step: the latest wins)."""
+    by_step = {h["step"]: h for h in history if "val_f1" in h}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _train_mean(history: Sequence[dict[str, Any]], key: str, lo: int, hi: int) -> float | None:

@@ -16,14 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import EvalConfig
-from ..io import atomic_write_text, write_json
+from ..io import atomic_write_text
 from ..model import generation
-from ..training.arguments import resolve_device
 
 log = logging.getLogger("medtvt.eval")
 
 __all__ = ["generate_reports", "evaluate_records", "evaluate_model", "mean_rewards", "reward_values", "weights_by_disease",
-           "write_predictions"]
+           "write_predictions", "per_record"]
 
 
 @torch.no_grad()
@@ -230,91 +229,25 @@ def write_predictions(records: Sequence[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, model_dir: Path | None = None,
-                   data_root: Path | None = None, split: str = "test", sets: Sequence[str] = (),
-                   progress: bool = True) -> dict[str, Any]:
-    """``medtvt eval``: a saved model (``model_dir``, or the stage of ``run_dir``) on a split.
+def per_record(records: Sequence[dict[str, Any]], rewards: Sequence[Any],
+               sampled: dict[str, float] | None = None) -> dict[str, dict[str, float | None]]:
+    """``{metric: {record id: score}}`` of one run's predictions: the strict protocol's per-sample
+    precision/recall/F1, the weighted sum of the run's rewards on the greedy report, the mean
+    reward of the sampled reports (``sampled``, when evaluated), and per disease ``named/<d>``:
+    1 if the report names ``d``, 0 if not, for records whose reference holds ``d`` (undefined for
+    the others), i.e. each disease's sensitivity as a per-record score."""
+    from ..data.labels import DISEASES
+    from ..metrics.clinical import _per_sample, pred_sets, ref_sets
 
-    With ``run_dir`` the run's own test split, feature cache and evaluation settings are used (so
-    the numbers of its ``metrics.json`` are reproduced, the last stage's attributions included) and its
-    ``metrics.json`` is updated.
-    """
-    from ..config import resolve_config
-    from ..data.cache import FeatureCache, encode_dataset
-    from ..data.dataset import open_splits
-    from ..data.manifest import read_manifest
-    from ..metrics.display import undefined_reasons
-    from .diagnose import load_model_dir, model_dir_of_run
-
-    if run_dir is not None:
-        cfg = resolve_config(config_file=Path(run_dir) / "config.yaml", sets=list(sets))
-        model_dir = model_dir_of_run(Path(run_dir), stage)
-        root = Path(cfg.data.root) if cfg.data.root is not None else Path(run_dir) / "data"
-        train_file, test_file = cfg.data.train_file, cfg.data.test_file
-        cache_dir = (cfg.data.cache_dir or Path(run_dir) / "cache") if cfg.data.use_cache else None
-    else:
-        cfg = resolve_config(sets=list(sets))
-        root = Path(data_root)
-        qa = (read_manifest(root) or {}).get("qa") or {}
-        test_file = qa.get(split) or f"qa/disease_{split}.json"
-        train_file = qa.get("train") if split != "train" else None
-        cache_dir = None
-    model, processor = load_model_dir(Path(model_dir))
-
-    model.to(resolve_device(cfg.device))
-    train_file = train_file if train_file and (root / train_file).is_file() else None
-    splits = open_splits(root, modalities=processor.readers, train_file=train_file, test_file=test_file,
-                         on_bad_sample=cfg.data.on_bad_sample, fit_stats=False, persist_stats=False)
-    test = splits["test"]
-    if cache_dir is not None:
-        test.attach_cache(dict(model.encoders), FeatureCache(cache_dir))
-        encode_dataset(test, batch_size=32)
-    stage = stage or Path(model_dir).parent.name
-    # An evaluation with fewer modalities is kept apart: it never replaces the run's own numbers.
-    key = None if cfg.eval.modalities is None else "+".join(m for m in test.modality_names if m in cfg.eval.modalities)
-    pred_name = f"{stage}.jsonl" if key is None else f"{stage}-{key}.jsonl"
-    records: list[dict[str, Any]] = []
-    res = evaluate_model(model, processor, test, cfg.eval, rewards=cfg.rewards,
-                         train_answers=[r.answer for r in splits["train"].records] if "train" in splits else (),
-                         predictions_path=(Path(run_dir) / "eval" / pred_name) if run_dir else None,
-                         progress=progress, sampling=cfg.rft, seed=cfg.seed, records_out=records)
-    if run_dir is not None and cfg.eval.attribution and stage == cfg.stages[-1] and len(model.modalities) > 1:
-        from .attribution import dataset_attribution, gate_check
-
-        masked = test if key is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
-        res["attribution"] = dataset_attribution(model, processor, masked, batch_size=cfg.eval.batch_size,
-                                                 max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit)
-        res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
-    if cfg.eval.modality_subsets:
-        from .subsets import subsets_of_config
-
-        res["subsets"] = subsets_of_config(model, processor, test, cfg, full_records=records, data_root=root,
-                                           progress=progress)
-    if run_dir is not None:
-        path = Path(run_dir) / "metrics.json"
-        summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-        if key is None:
-            summary.setdefault("stages", {})[stage] = res
-            if "baseline" in res:
-                summary["baseline"] = res["baseline"]
-        else:
-            summary.setdefault("by_modalities", {}).setdefault(key, {})[stage] = res
-        write_json(path, summary)
-        if key is None and res.get("subsets"):  # report.md shows the new table
-            from .report import write_report
-
-            hist = Path(run_dir) / "history.json"
-            write_report(Path(run_dir), cfg, summary, json.loads(hist.read_text()) if hist.is_file() else {})
-    ce = res["ce"]
-    out = {"model": str(model_dir), "stage": stage, "f1": ce["f1"], "precision": ce["precision"],
-           "recall": ce["recall"], "auc": ce["auc"], "n": res["n"], "nlg": res["nlg"], "reward": res.get("reward"),
-           "reward_sampled": {k: v for k, v in (res.get("reward_sampled") or {}).items() if k != "per_record"} or None,
-           "baseline_f1": res.get("baseline", {}).get("f1"), "protocol": res["protocol"],
-           "modalities": res["modalities"],
-           # null metrics above with the reason (e.g. the reference protocol's F1 when no report has an <answer>)
-           "undefined": undefined_reasons(ce)}
-    if res.get("subsets"):
-        out["subsets"] = {n: {"f1": r["f1"], "answer_rate": r["answer_rate"], "reward": r["reward"],
-                              "evidence_f1": r.get("evidence_f1"), "evidence_f1_all": r.get("evidence_f1_all")}
-                          for n, r in res["subsets"]["rows"].items()}
+    ids = [r["id"] for r in records]
+    preds, refs = pred_sets(r["prediction"] for r in records), ref_sets(r["reference"] for r in records)
+    per = [_per_sample(a, b) for a, b in zip(preds, refs)]
+    p, rc, f = ([x[i] for x in per] for i in range(3))
+    out: dict[str, dict[str, float | None]] = {
+        "f1": dict(zip(ids, f)), "precision": dict(zip(ids, p)), "recall": dict(zip(ids, rc)),
+        "reward": dict(zip(ids, reward_values(records, rewards)))}
+    if sampled:
+        out["reward_sampled"] = {i: sampled.get(i) for i in ids}
+    for d in DISEASES:
+        out[f"named/{d}"] = {i: (float(d in pr) if d in rf else None) for i, pr, rf in zip(ids, preds, refs)}
     return out

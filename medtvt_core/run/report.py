@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_write_text, save_figure
 
 
 def _fmt(x: Any) -> str:
@@ -31,11 +31,6 @@ def _undefined_notes(ces: dict[str, dict[str, Any]], where: str = "") -> list[st
     return out
 
 
-def _savefig(fig: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-
-
 def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[str]:
     import matplotlib
 
@@ -51,7 +46,7 @@ def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[st
             if pts:
                 ax.plot(*zip(*pts), label=s.upper())
         ax.set_xlabel("optimiser step"), ax.set_ylabel("cross-entropy"), ax.set_title("PT / SFT loss"), ax.legend()
-        fig.tight_layout(), _savefig(fig, out / "loss.png"), plt.close(fig)
+        fig.tight_layout(), save_figure(fig, out / "loss.png"), plt.close(fig)
         files.append("loss.png")
     rft = [h for h in history.get("rft", []) if "reward" in h]
     if rft:
@@ -61,7 +56,7 @@ def _plot_curves(out: Path, history: dict[str, list[dict[str, Any]]]) -> list[st
         for k in sorted({k for h in rft for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
             ax.plot(steps, [h.get(k, float("nan")) for h in rft], label=k.split("/")[1], alpha=0.7)
         ax.set_xlabel("GRPO step"), ax.set_ylabel("mean reward"), ax.set_title("RFT rewards"), ax.legend()
-        fig.tight_layout(), _savefig(fig, out / "rewards.png"), plt.close(fig)
+        fig.tight_layout(), save_figure(fig, out / "rewards.png"), plt.close(fig)
         files.append("rewards.png")
     return files
 
@@ -95,7 +90,7 @@ def _plot_weights(out: Path, weights: dict[str, dict[str, float]], attribution: 
         ax.legend(fontsize=7)
     fig.tight_layout()
     name = "modality_weights.png"
-    _savefig(fig, out / name)
+    save_figure(fig, out / name)
     plt.close(fig)
     return name
 

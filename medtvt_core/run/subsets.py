@@ -56,7 +56,7 @@ def score_records(records: Sequence[dict[str, Any]], rewards: Sequence[Any]) -> 
     ``<answer>`` block), ``reward`` (weighted total) and ``reward/<name>`` of each reward."""
     from ..answers import DISEASES, answer_set
     from ..plugins import get_catalog
-    from .ablation import per_record
+    from .evaluation import per_record
 
     out = {k: v for k, v in per_record(records, rewards).items() if not k.startswith("named/")}
     ids = [r["id"] for r in records]
@@ -201,7 +201,7 @@ def plot_subsets(out: Path, res: Mapping[str, Any], stage: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import _savefig
+    from ..io import save_figure
 
     rows = res["rows"]
     names = list(rows)
@@ -226,7 +226,7 @@ def plot_subsets(out: Path, res: Mapping[str, Any], stage: str) -> str | None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     name = "modality_subsets.png"
-    _savefig(fig, out / name)
+    save_figure(fig, out / name)
     plt.close(fig)
     return name
 

@@ -27,6 +27,9 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
+from ..io import atomic_dir
+from .alarm import validations
+
 log = logging.getLogger("medtvt.validation")
 
 BEST_PREFIX = "best-"  # <stage>/best-<step>/: the model of the best validation so far
@@ -115,12 +118,6 @@ def validate(model: Any, processor: Any, dataset: Any, *, rewards: Sequence[Any]
     entry["val_records"] = {k: dict(zip(ids, v)) for k, v in per.items()}
     entry["val_time_s"] = time.perf_counter() - t0
     return entry
-
-
-def validations(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The validation entries of a stage's history, in step order (one per step: the latest wins)."""
-    by_step = {h["step"]: h for h in history if "val_f1" in h}
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def best_validation(history: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
@@ -222,7 +219,6 @@ def validation_summary(history: Sequence[dict[str, Any]], metric: str | None, *,
 def make_callback(run: Any, stage: str, sdir: Path) -> list[Any]:
     """The stage's :class:`ValidationCallback` for a :class:`~medtvt_core.run.orchestrator.Run`
     (none when ``<stage>.eval_steps`` is 0)."""
-    import os
 
     from .alarm import reward_hacking_alarm
 
@@ -242,12 +238,9 @@ def make_callback(run: Any, stage: str, sdir: Path) -> list[Any]:
         return e
 
     def save(model: Any, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        run.processor.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            run.processor.save_pretrained(tmp)
 
     def alarm(history: list[dict[str, Any]]) -> None:
         verdict = reward_hacking_alarm(history, stage=stage, metric=v.alarm_metric, window=v.alarm_window,
@@ -268,7 +261,6 @@ def keep_best(run: Any, stage: str, sdir: Path, history: Sequence[dict[str, Any]
     """After a stage with ``metric_for_best_model``: the trained model is written to ``<stage>/last``
     and the best validation's weights are loaded into ``run.model`` (which the caller saves as
     ``final`` and evaluates)."""
-    import os
 
     from ..model.serialization import load_weights
 
@@ -281,12 +273,9 @@ def keep_best(run: Any, stage: str, sdir: Path, history: Sequence[dict[str, Any]
         raise FileNotFoundError(f"{stage}: the best validation (step {best['step']}) has no saved model {bdir}; "
                                 f"rerun the stage (remove {sdir})")
     if run.is_main:
-        tmp = sdir / ".last.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        run.model.save_pretrained(tmp)
-        run.processor.save_pretrained(tmp)
-        shutil.rmtree(sdir / "last", ignore_errors=True)
-        os.replace(tmp, sdir / "last")
+        with atomic_dir(sdir / "last") as tmp:
+            run.model.save_pretrained(tmp)
+            run.processor.save_pretrained(tmp)
     run.barrier()
     load_weights(run.model, bdir)
     run.echo(f"[{stage}] {stage}/final: the model of step {best['step']} ({metric} {best[metric]:.4f}); "
@@ -364,9 +353,9 @@ def _plot_validation(out: Path, stage: str, hist: Sequence[dict[str, Any]], vals
     ax2.set_ylabel("held-out F1", color="tab:red")
     ax.set_title(f"{stage.upper()}: training {key} and held-out F1")
     fig.tight_layout()
-    from .report import _savefig
+    from ..io import save_figure
 
     name = f"validation_{stage}.png"
-    _savefig(fig, out / name)
+    save_figure(fig, out / name)
     plt.close(fig)
     return name
