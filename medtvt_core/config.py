@@ -353,10 +353,15 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _partial_modalities(self) -> "RunConfig":
         for s in STAGES:
-            bad = [m for m in getattr(self, s).modality_dropout if m not in self.modalities]
+            sc = getattr(self, s)
+            known = set(self.modalities) | set(self.encoders)
+            bad = [m for m in sc.modality_dropout if m not in known]
             if bad:
                 raise ValueError(f"{s}.modality_dropout: {bad[0]!r} is not a modality of the run "
                                  f"(allowed: {', '.join(self.modalities)})")
+            # A preset's dropout of a modality the run leaves out (--modalities cxr,lab) has nothing to drop.
+            if any(m not in self.modalities for m in sc.modality_dropout):
+                sc.modality_dropout = {m: p for m, p in sc.modality_dropout.items() if m in self.modalities}
         if self.eval.modalities is not None:
             expand_subsets([",".join(self.eval.modalities)], self.modalities, where="eval.modalities")
         if self.eval.modality_subsets:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from medtvt_core.config import RunConfig, expand_subsets, resolve_config
-from medtvt_core.data import build_modalities, open_splits
+from medtvt_core.build import build_readers as build_modalities
+from medtvt_core.data import open_splits
 from medtvt_core.data.synth import TEST_FILE, TRAIN_FILE
 from medtvt_core.errors import ConfigError
 
