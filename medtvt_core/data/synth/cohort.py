@@ -20,7 +20,7 @@ from ..schema import write_qa_file
 from .cxr import cxr_answer, cxr_findings, render_cxr, write_cxr
 from .ecg import ecg_answer, ecg_findings, render_ecg, write_ecg
 from .labs import lab_answer, sample_labs
-from .patients import assign_decoys, CXR_DIR, ECG_DIR, evidence_table, LAB_IDS, _LAB_SPEC, LABS_CSV, make_patients, Patient, PT_FILES, _SIGNS, _signs_of, SYNTH_VERSION, TEST_FILE, TRAIN_FILE
+from .patients import assign_decoys, CXR_DIR, ECG_DIR, evidence_table, LAB_IDS, _LAB_PARAMS, LABS_CSV, make_patients, Patient, PT_FILES, _SIGNS, _signs_of, SYNTH_VERSION, TEST_FILE, TRAIN_FILE
 from .options import synth_options
 from .reports import disease_answer, _Q_CXR, _Q_DISEASE, _Q_ECG, _Q_LAB, _qa
 
@@ -148,7 +148,7 @@ def _measure_every_lab(patients: list[Patient], seed: int) -> None:
     train = [p for p in patients if p.split == "train"]
     for item in LAB_IDS:
         if not any(item in p.labs for p in train):
-            _, c, s, lognormal, dec, _ = _LAB_SPEC[item]
+            _, c, s, lognormal, dec, _ = _LAB_PARAMS[item]
             x = c * math.exp(rng.normal(0, s)) if lognormal else c + rng.normal(0, s)
             train[0].labs[item] = round(x, dec)
 

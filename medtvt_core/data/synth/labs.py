@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .patients import ARF, CREAT, DM, GLUCOSE, _KEY_LABS, LAB_IDS, _lab_name, lab_reference_range, _LAB_SPEC, LACTATE, Patient, UREA, WBC
+from .patients import ARF, CREAT, DM, GLUCOSE, _KEY_LABS, LAB_IDS, _lab_name, lab_reference_range, _LAB_PARAMS, LACTATE, Patient, UREA, WBC
 
 # --------------------------------------------------------------------------- labs
 def sample_labs(p: Patient, rng: np.random.Generator, evidence: float = 1.0) -> dict[str, float]:
@@ -14,7 +14,7 @@ def sample_labs(p: Patient, rng: np.random.Generator, evidence: float = 1.0) -> 
     d, signs, k = set(p.diseases), p.signs, evidence
     val: dict[str, float] = {}
     for item in LAB_IDS:
-        _, c, s, lognormal, _, _ = _LAB_SPEC[item]
+        _, c, s, lognormal, _, _ = _LAB_PARAMS[item]
         val[item] = c * math.exp(rng.normal(0, s)) if lognormal else c + rng.normal(0, s)
     base = dict(val)
 
@@ -61,14 +61,14 @@ def sample_labs(p: Patient, rng: np.random.Generator, evidence: float = 1.0) -> 
         for item in LAB_IDS:
             x, b = val[item], base[item]
             if x != b:
-                val[item] = b * math.exp(k * math.log(x / b)) if (_LAB_SPEC[item][3] and x > 0 and b > 0) else b + k * (x - b)
+                val[item] = b * math.exp(k * math.log(x / b)) if (_LAB_PARAMS[item][3] and x > 0 and b > 0) else b + k * (x - b)
     # Absolute counts follow the white cells and the differential.
     val["52075"] = val[WBC] * val["51256"] / 100
     val["51133"] = val[WBC] * val["51244"] / 100
     out: dict[str, float] = {}
     forced = {lab for key in (*d, *signs) for lab in _KEY_LABS.get(key, ())}
     for item in LAB_IDS:
-        dec, p_missing = _LAB_SPEC[item][4:]
+        dec, p_missing = _LAB_PARAMS[item][4:]
         if item in ("50802", "50804", "50818", "50820", "50821") and "sep_lab" in signs:
             # blood gases are drawn for septic patients
             p_missing = 0.2 if k == 1.0 else min(1.0, max(0.0, p_missing + k * (0.2 - p_missing)))
@@ -91,7 +91,7 @@ def lab_answer(labs: dict[str, float], *, max_items: int = 6, causes: dict[str, 
     for item, x in labs.items():
         lo, hi = lab_reference_range(item)
         if x > hi or x < lo:
-            _, c, s, lognormal, _, _ = _LAB_SPEC[item]
+            _, c, s, lognormal, _, _ = _LAB_PARAMS[item]
             z = (math.log(max(x, 1e-9) / c) if lognormal else (x - c)) / s
             abnormal.append((abs(z), item, x, "high" if x > hi else "low"))
     abnormal.sort(key=lambda a: -a[0])
@@ -119,11 +119,11 @@ def _high(labs: dict[str, float], item: str) -> bool:
 
 
 def _fmt(item: str, x: float) -> str:
-    unit, *_, dec, _ = _LAB_SPEC[item]
+    unit, *_, dec, _ = _LAB_PARAMS[item]
     return f"{x:.{dec}f} {unit}".strip()
 
 
 def _fmt_range(item: str) -> str:
     lo, hi = lab_reference_range(item)
-    dec = _LAB_SPEC[item][4]
+    dec = _LAB_PARAMS[item][4]
     return f"{lo:.{dec}f}-{hi:.{dec}f}"

@@ -89,7 +89,7 @@ def _toward(x: float, normal: float, k: float) -> float:
 # --------------------------------------------------------------------------- labs
 # item id -> (unit, centre, spread, log-normal?, decimals, P(missing)).  Log-normal: centre is the
 # median and spread the sd of log(value).  Reference range: centre -/+ 2 spreads.
-_LAB_SPEC: dict[str, tuple[str, float, float, bool, int, float]] = {
+_LAB_PARAMS: dict[str, tuple[str, float, float, bool, int, float]] = {
     "50802": ("mEq/L", 0.0, 2.5, False, 0, 0.65), "50804": ("mEq/L", 25.0, 3.0, False, 0, 0.65),
     "50813": ("mmol/L", 1.3, 0.3, True, 1, 0.55), "50818": ("mm Hg", 41.0, 5.0, False, 0, 0.65),
     "50820": ("units", 7.40, 0.035, False, 2, 0.62), "50821": ("mm Hg", 90.0, 18.0, False, 0, 0.65),
@@ -116,7 +116,7 @@ _LAB_SPEC: dict[str, tuple[str, float, float, bool, int, float]] = {
     "52074": ("K/uL", 0.5, 0.3, True, 2, 0.4), "52075": ("K/uL", 4.5, 0.35, True, 2, 0.4),
     "52135": ("%", 0.4, 0.4, True, 1, 0.4), "52172": ("fL", 44.0, 3.5, False, 1, 0.5),
 }
-assert set(_LAB_SPEC) == set(SYMILE_LABS)
+assert set(_LAB_PARAMS) == set(SYMILE_LABS)
 LAB_IDS: tuple[str, ...] = tuple(sorted(SYMILE_LABS))
 
 GLUCOSE, CREAT, UREA, WBC, LACTATE = "50931", "50912", "51006", "51301", "50813"
@@ -127,7 +127,7 @@ _SHORT = {GLUCOSE: "glucose", CREAT: "creatinine", UREA: "urea nitrogen", WBC: "
 
 
 def lab_reference_range(item: str) -> tuple[float, float]:
-    _, c, s, lognormal, _, _ = _LAB_SPEC[item]
+    _, c, s, lognormal, _, _ = _LAB_PARAMS[item]
     return (c * math.exp(-2 * s), c * math.exp(2 * s)) if lognormal else (c - 2 * s, c + 2 * s)
 
 
