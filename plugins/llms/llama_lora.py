@@ -59,7 +59,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 #: Tags of the answer format; single tokens in a trained tokenizer, kept by ``decode``.
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_TRAINED_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+_TRAINED_RESERVED_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 # LLaMA-3 tokenizers ship no pad token but reserve this one for padding.
 _LLAMA3_PAD = "<|finetune_right_pad_id|>"
 
@@ -149,16 +149,16 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 4000, min_frequen
     # Byte-level: every string is encodable, so <unk> never appears.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = list(_TRAINED_SPECIAL_TOKENS.values())
+    specials = list(_TRAINED_RESERVED_TOKENS.values())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_clean_corpus(texts, REASONING_TAGS), trainer=trainer)
-    bos = _TRAINED_SPECIAL_TOKENS["bos_token"]
+    bos = _TRAINED_RESERVED_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in REASONING_TAGS])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20, **_TRAINED_SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20, **_TRAINED_RESERVED_TOKENS)
     return fast
 
 
@@ -208,7 +208,7 @@ def pretrain_base(model: Any, tok: Any, texts: Sequence[str], *, steps: int, lr:
     import torch
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
-    added = [t for t in tok.all_special_tokens if t not in _TRAINED_SPECIAL_TOKENS.values()]
+    added = [t for t in tok.all_special_tokens if t not in _TRAINED_RESERVED_TOKENS.values()]
     clean = [t for t in _clean_corpus(texts, added) if t.strip()]
     if not clean:
         raise ConfigError("llm.options.pretrain_steps: the corpus holds no text")
