@@ -57,7 +57,7 @@ def length_reward(prompts, completions, **kwargs):
 
 @hookimpl
 def medtvt_register_rewards(register):
-    register("length-test", length_reward)
+    register("length-test", length_reward, range=(0, None))  # unbounded above: a length, not a score in [0, 1]
 '''
 
 
