@@ -138,6 +138,7 @@ class Run:
 
             required_weights(cfg, catalog)
         self._check_run_dir()
+        self.barrier()  # every process checks the directory before the main one writes config.yaml into it
         set_deterministic(cfg.deterministic)
         if self.is_main:
             from ..config import write_config
