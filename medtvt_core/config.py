@@ -95,7 +95,25 @@ def _check_dropout(v: dict[str, float]) -> dict[str, float]:
     return {m: float(p) for m, p in v.items()}
 
 
-class StageConfig(_Strict):
+class _TrainingStage(_Strict):
+    """What every training stage has besides its optimisation settings: modality dropout and validation."""
+
+    modality_dropout: dict[str, float] = Field(
+        default_factory=dict, description=_DROPOUT_DOC + " (RFT: one draw per prompt, shared by its G completions)")
+    eval_steps: int = Field(0, ge=0, description="validate every N optimiser steps on the `validation` split "
+                                                 "(and at step 0 and the last step; 0: off)")
+    metric_for_best_model: str | None = Field(
+        None, description="keep the validation step with the highest value of this metric (val_f1, val_reward, "
+                          "val_reward_sampled, val_answer_rate) as <stage>/final, the last as <stage>/last; None: "
+                          "final is the last step")
+
+    @field_validator("modality_dropout")
+    @classmethod
+    def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_dropout(v)
+
+
+class StageConfig(_TrainingStage):
     epochs: float = Field(20, gt=0, description="training epochs")
     max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: epochs decide)")
     batch_size: int = Field(8, ge=1, description="per-device batch size")
@@ -110,22 +128,9 @@ class StageConfig(_Strict):
     train_extras: bool = Field(True, description="also train LLM norms, biases and token embeddings (reference)")
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: each epoch)")
-    modality_dropout: dict[str, float] = Field(
-        default_factory=dict, description=_DROPOUT_DOC)
-
-    @field_validator("modality_dropout")
-    @classmethod
-    def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_dropout(v)
-    eval_steps: int = Field(0, ge=0, description="validate every N optimiser steps on the `validation` split "
-                                                 "(and at step 0 and the last step; 0: off)")
-    metric_for_best_model: str | None = Field(
-        None, description="keep the validation step with the highest value of this metric (val_f1, val_reward, "
-                          "val_reward_sampled, val_answer_rate) as <stage>/final, the last as <stage>/last; None: "
-                          "final is the last step")
 
 
-class RFTConfig(_Strict):
+class RFTConfig(_TrainingStage):
     max_steps: int = Field(500, ge=1, description="optimiser steps (TRL's max_steps; one generation round feeds num_iterations of them)")
     batch_size: int = Field(8, ge=1, description="prompts per process per micro-step (rows: x num_generations)")
     grad_accum: int = Field(2, ge=1)
@@ -166,19 +171,6 @@ class RFTConfig(_Strict):
     max_completion_length: int = Field(600, ge=1)
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
-    modality_dropout: dict[str, float] = Field(
-        default_factory=dict, description=_DROPOUT_DOC + "; one draw per prompt, shared by its G completions")
-
-    @field_validator("modality_dropout")
-    @classmethod
-    def _dropout(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_dropout(v)
-    eval_steps: int = Field(0, ge=0, description="validate every N optimiser steps on the `validation` split "
-                                                 "(and at step 0 and the last step; 0: off)")
-    metric_for_best_model: str | None = Field(
-        None, description="keep the validation step with the highest value of this metric (val_f1, val_reward, "
-                          "val_reward_sampled, val_answer_rate) as rft/final, the last as rft/last; None: final "
-                          "is the last step")
 
     @model_validator(mode="after")
     def _cispo_needs_cap(self) -> "RFTConfig":

@@ -82,8 +82,7 @@ patients), :mod:`.ecg`, :mod:`.cxr`, :mod:`.labs` (each modality's findings, ren
 report), :mod:`.reports` (the disease answers and questions), :mod:`.cohort` (writing a cohort).
 """
 
-import importlib
-from typing import Any
+from ...lazy import lazy_exports
 
 #: public name -> the submodule that defines it (loaded on first use, PEP 562: the configuration
 #: imports the light :mod:`.options` without the renderers)
@@ -98,13 +97,4 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOME])
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, globals())
