@@ -392,7 +392,11 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     inp = e.get("input")
     shown = "" if isinstance(inp, (dict, list)) else f" (got {inp!r})"
-    return f"{where}: {_fmt_loc(e['loc'])}: {e['msg']}{shown}{more}"
+    # A model-level check (empty location) raises a ValueError whose text already says what and where:
+    # pydantic's "<root>" and "Value error, " would only add noise to the one line.
+    msg = e["msg"].removeprefix("Value error, ") if e.get("type") == "value_error" else e["msg"]
+    loc = f"{_fmt_loc(e['loc'])}: " if e["loc"] else ""
+    return f"{where}: {loc}{msg}{shown}{more}"
 
 
 def preset_names() -> list[str]:
