@@ -3,7 +3,7 @@ validated (once, with the plugin's own pydantic model) and the objects built.
 
 * :func:`plugin_class` / :func:`validated_options`: a registry entry and its checked options;
   a bad option is a one-line :class:`ConfigError` naming where it was set.
-* :func:`build_readers`, :func:`build_encoder`, :func:`build_fusion`, :func:`build_backbone`: the
+* :func:`build_readers`, :func:`build_encoder`, :func:`build_fusion`, :func:`build_llm_plugin`: the
   parts of a model (used by the model's constructor and the processor's loader).
 * :func:`validate_run` checks a :class:`~medtvt_core.config.RunConfig` before anything runs.
 * :func:`check_weight_reference`: a saved model's referenced weight file is there, unchanged.
@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError
 from .plugins import get_catalog
 
 __all__ = ["plugin_class", "validated_options", "build_readers", "build_encoder", "build_fusion",
-           "build_backbone", "validate_run", "required_weights", "check_weight_reference", "FUSION_SEED_OFFSET"]
+           "build_llm_plugin", "validate_run", "required_weights", "check_weight_reference", "FUSION_SEED_OFFSET"]
 
 #: The fusion layer is initialised from ``seed + FUSION_SEED_OFFSET`` whenever it is built, so a
 #: variant's SFT starts from the same fusion weights whether its PT stage was trained here or
@@ -127,7 +127,7 @@ def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: in
         return cls(dim, num_modalities, **opts)
 
 
-def build_backbone(ref: Mapping[str, Any], catalog: Any = None) -> Any:
+def build_llm_plugin(ref: Mapping[str, Any], catalog: Any = None) -> Any:
     cls, opts = validated_options("llms", ref["name"], ref.get("options"), "llm", catalog)
     return cls(**opts)
 
@@ -157,8 +157,8 @@ def required_weights(cfg: Any, catalog: Any = None) -> None:
         files = cls.declared_weight_files(opts)
         missing += [] if files else [f"encoders.{m}.options.weights"]
         absent += [f"encoders.{m}: {p}" for p in files if not p.is_file()]
-    backbone = build_backbone(cfg.llm.model_dump(), catalog)
-    path = getattr(backbone, "pretrained_path", None)
+    llm_plugin = build_llm_plugin(cfg.llm.model_dump(), catalog)
+    path = getattr(llm_plugin, "pretrained_path", None)
     if path is None:
         missing.append("llm.options.model_path")
     elif not Path(path).is_dir():

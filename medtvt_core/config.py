@@ -186,6 +186,10 @@ class ValidationConfig(_Strict):
     fraction: float = Field(0.0, ge=0, lt=1, description="share of the disease-level training records carved out as "
                                                           "the validation split (by a hash of seed and record id; "
                                                           "no stage trains on them); needed by eval_steps")
+    source: Literal["train", "rft_prompts"] = Field(
+        "train", description="where the split is carved from: train (every disease-level training record, before "
+                             "data.rft_holdout divides the rest) or rft_prompts (only the records data.rft_holdout "
+                             "keeps for RFT, so SFT trains on exactly the records it would without validation)")
     samples: int = Field(2, ge=0, description="sampled completions per validation record (at rft.temperature / "
                                               "top_p) for val_reward_sampled; 0: off")
     max_new_tokens: int | None = Field(None, ge=1, description="generation length (None: eval.max_new_tokens)")
@@ -317,6 +321,9 @@ class RunConfig(_Strict):
             if sc.eval_steps and not self.validation.fraction:
                 raise ValueError(f"{s}.eval_steps={sc.eval_steps} needs a validation split: set validation.fraction "
                                  f"(e.g. 0.1)")
+        if self.validation.source == "rft_prompts" and self.validation.fraction and not self.data.rft_holdout:
+            raise ValueError("validation.source=rft_prompts carves the split from RFT's own records: it needs "
+                             "data.rft_holdout > 0 (or validation.source=train)")
             if sc.metric_for_best_model is not None:
                 if not sc.eval_steps:
                     raise ValueError(f"{s}.metric_for_best_model needs {s}.eval_steps > 0")

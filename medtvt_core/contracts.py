@@ -3,7 +3,7 @@
 Shapes use ``B`` batch, ``M`` modalities, ``N`` frozen feature steps, ``C`` feature width,
 ``K`` tokens per modality after pooling, ``D`` LLM hidden size.
 
-* :class:`Modality` reads one input kind from disk into a float32 tensor of ``sample_shape``.
+* :class:`ModalityReader` reads one input kind from disk into a float32 tensor of ``sample_shape``.
 * :class:`Encoder` maps ``[B, *input_shape]`` to frozen features ``[B, N, C]`` (``encode``,
   cacheable, no grad) and pools them with a small trainable head to ``[B, K, pooled_dim]``
   (``pool``); the core projector then maps ``pooled_dim -> D``.
@@ -59,7 +59,7 @@ class PluginConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------- modalities
-class Modality(ABC):
+class ModalityReader(ABC):
     """Reader of one input kind (ECG, CXR, LAB, ...).
 
     Class attributes: ``name`` (``"ecg"``), ``placeholder`` (``"<ecg>"``, the prompt token whose
@@ -88,7 +88,7 @@ class Modality(ABC):
         """Statistics restored by :meth:`set_stats` (None when the reader needs none or has none yet)."""
         return None
 
-    def for_input(self, value: str, extras: dict[str, str]) -> tuple["Modality", Path, str]:
+    def for_input(self, value: str, extras: dict[str, str]) -> tuple["ModalityReader", Path, str]:
         """``(reader, root, reference)`` that :meth:`load` reads a user-given input with (``medtvt
         diagnose``).  Default: ``value`` is a file path (absolute, so any ``data_dir`` is ignored)."""
         if extras:
@@ -128,6 +128,10 @@ class Modality(ABC):
         payload = cfg.model_dump_json() if isinstance(cfg, BaseModel) else json.dumps(vars(self), default=str, sort_keys=True)
         return hashlib.sha256(f"{self.name}:{payload}".encode()).hexdigest()[:16]
 
+
+
+#: The reader contract's earlier name (medtvt 0.1); kept so that plugins written against it still load.
+Modality = ModalityReader
 
 # --------------------------------------------------------------------------- encoders
 class Encoder(nn.Module, ABC):

@@ -26,7 +26,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def medtvt_register_modalities(register):
-    """Register :class:`medtvt_core.contracts.Modality` subclasses (readers of one input kind)."""
+    """Register :class:`medtvt_core.contracts.ModalityReader` subclasses (readers of one input kind)."""
 
 
 @hookspec

@@ -96,20 +96,20 @@ _TOKENIZERS: dict[str, object] = {}
 
 def make_model(modalities, encoders, catalog, *, k=1, fusion=None, llm=None, seed=0):
     """A fresh model and processor, built the way :func:`medtvt_core.build.new_model` builds one."""
-    from medtvt_core.build import build_backbone
+    from medtvt_core.build import build_llm_plugin
 
     llm = llm or {"name": "llama-lora", "options": {"variant": "tiny", "tokenizer_vocab_size": 400}}
-    backbone = build_backbone(llm, catalog)
+    llm_plugin = build_llm_plugin(llm, catalog)
     key = json.dumps(llm, sort_keys=True)
     if key not in _TOKENIZERS:  # training the tokenizer is the slow part of a tiny build
-        _TOKENIZERS[key] = backbone.load_tokenizer(lambda: CORPUS)
+        _TOKENIZERS[key] = llm_plugin.load_tokenizer(lambda: CORPUS)
     tok = copy.deepcopy(_TOKENIZERS[key])
     ph = {m: PLACEHOLDERS[m] for m in modalities}
     tok.add_special_tokens({"extra_special_tokens": list(ph.values())}, replace_extra_special_tokens=False)
     cfg = MedTVTConfig(modalities=list(modalities), encoders=encoders,
                        projector={"tokens_per_modality": k, "blocks": 1}, fusion=fusion or {"name": "mpl",
                                                                                           "options": {"num_heads": 2}},
-                       llm=llm, text_config=backbone.text_config(tok), placeholders=ph,
+                       llm=llm, text_config=llm_plugin.text_config(tok), placeholders=ph,
                        placeholder_token_ids={m: tok.convert_tokens_to_ids(p) for m, p in ph.items()})
     torch.manual_seed(seed)
     model = MedTVTForConditionalGeneration(cfg, catalog=catalog, seed=seed)

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import Modality, PluginConfig
+from medtvt_core.contracts import ModalityReader, PluginConfig
 from medtvt_core.build import build_readers
 from medtvt_core.data import open_splits, read_manifest
 from medtvt_core.data.synth import PT_FILES, TEST_FILE, TRAIN_FILE, synthesize
@@ -148,7 +148,7 @@ class PpgConfig(PluginConfig):
     length: int = Field(64, description="samples kept")
 
 
-class PpgModality(Modality):
+class PpgModality(ModalityReader):
     """Photoplethysmogram stored as .npy (a modality the loaders have never heard of)."""
 
     name: ClassVar[str] = "ppg"

@@ -23,8 +23,7 @@ from test_orchestrator import MEDTVT, _env, medtvt, ok, one_line_error
 # SFT: 6 epochs over the 90 records the preset's rft_holdout 0.5 leaves it, 36 optimizer steps (4 epochs
 # gave 24, and left the first test patient's report without an <answer> block).
 SHORT = ["pt.epochs=3", "sft.epochs=6", "rft.max_steps=4", "llm.options.pretrain_steps=150",
-         "eval.sampled_reward_samples=2",
-         "rft.eval_steps=0", "rft.metric_for_best_model=null"]  # the demo's validation: test_validation.py
+         "eval.sampled_reward_samples=2"]  # the preset's validation stays on: steps 0 and 4 of RFT
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,31 @@ def test_eval_reproduces_the_runs_numbers(demo):
     assert (demo / "eval" / "sft.jsonl").read_text() == before
     again = json.loads((demo / "metrics.json").read_text())["stages"]["sft"]
     assert again["by_protocol"]["reference"] == want["by_protocol"]["reference"]
+
+
+def test_the_demo_validates_rft_on_its_own_prompts(demo):
+    """The preset's validation (docs: README "Watching a stage"): a split of RFT's prompts, validated at
+    the stage's first and last step, the curve in report.md, the step kept and its F1 in metrics.json."""
+    import hashlib
+
+    m = json.loads((demo / "metrics.json").read_text())["validation"]["rft"]
+    hist = json.loads((demo / "history.json").read_text())["rft"]
+    vals = [h for h in hist if "val_f1" in h]
+    assert m["steps"] == [h["step"] for h in vals] == [0, 4]
+    assert m["chosen"] == {"step": 4, "val_f1": vals[-1]["val_f1"],
+                           "why": "no metric_for_best_model: the last step's model is kept"}
+    assert m["split"]["source"] == "rft_prompts" and m["split"]["fraction"] == 0.2
+    # the rule restated: RFT's records are those whose sha256('holdout:<id>') < 0.5 (data.rft_holdout);
+    # the split is those of them whose sha256('validation:0:<id>') < 0.2; no test record is in it
+    u = lambda t: int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64  # noqa: E731
+    train = [r["id"] for r in json.loads((demo / "data" / "qa" / "disease_train.json").read_text())]
+    want = [i for i in train if u(f"holdout:{i}") < 0.5 and u(f"validation:0:{i}") < 0.2]
+    assert m["split"]["n_records"] == vals[0]["val_n"] == len(want) > 10
+    assert m["alarm"]["raised"] is not True
+    report = (demo / "report.md").read_text()
+    assert "## Validation during RFT" in report and "![validation rft](validation_rft.png)" in report
+    assert (demo / "validation_rft.png").stat().st_size > 10_000
+    assert "`rft/final` is the model of step 4" in report and not (demo / "rft" / "last").exists()
 
 
 def test_diagnose_one_patient_with_every_modality(demo):
@@ -152,3 +176,22 @@ def test_automodel_and_bad_model_directories(demo, tmp_path):
     one_line_error(medtvt("eval", "--model", bad, "--data", demo / "data"), "format version 99")
     (bad / "config.json").write_text(json.dumps({**cfg, "fusion": {"name": "not-installed", "options": {}}}))
     one_line_error(medtvt("eval", "--model", bad, "--data", demo / "data"), "unknown fusion plugin 'not-installed'")
+
+
+def test_demo_learns_benchmark_reads_the_run(demo):
+    """benchmarks/demo_learns.py (the learning bars at real settings, outside CI) on this run: its row
+    is metrics.json's numbers and each bar is judged from them."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "demo_learns.py"), "--from", str(demo)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((demo / "metrics.json").read_text())
+    base, sft, rft = m["baseline"]["f1"], m["stages"]["sft"]["ce"]["f1"], m["stages"]["rft"]["ce"]["f1"]
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("| 0 |"))
+    assert row.startswith(f"| 0 | {base:.4f} | {sft:.4f} | {rft:.4f} |"), r.stdout
+    met = sft >= base + 0.15
+    assert ("- SFT F1 >= baseline + 0.15: met on every seed" in r.stdout) == met, r.stdout
+    assert "- no reward-hacking alarm: met on every seed" in r.stdout

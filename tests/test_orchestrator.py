@@ -45,6 +45,7 @@ TINY_SETS = [
     "eval.max_new_tokens=16", "eval.limit=4", "eval.metrics=[bleu,rouge]",
     "llm.options.pretrain_steps=5",
     "rft.eval_steps=0", "rft.metric_for_best_model=null",  # the demo's validation: tested in test_validation.py
+    "validation.source=train",  # the demo's rft_prompts would leave ~1 of the ~5 RFT prompts to validate
 ]
 
 

@@ -52,12 +52,12 @@ def test_dropout_presents_a_dropped_modality_exactly_as_diagnose_presents_an_abs
     assert "(lab not available)" in batch["prompts"][0] and "<lab>" not in batch["prompts"][0]
 
     import medtvt_plugins.llms.llama_lora as llama_lora
-    from medtvt_core.build import build_backbone
+    from medtvt_core.build import build_llm_plugin
     from medtvt_core.plugins import build_catalog
 
-    backbone = build_backbone({"name": "llama-lora", "options": {"variant": "tiny", "tokenizer_vocab_size": 400}},
+    llm_plugin = build_llm_plugin({"name": "llama-lora", "options": {"variant": "tiny", "tokenizer_vocab_size": 400}},
                               build_catalog(plugins=[llama_lora], autoload=False))
-    tok = backbone.load_tokenizer(lambda: CORPUS + [r.question for r in test.records])
+    tok = llm_plugin.load_tokenizer(lambda: CORPUS + [r.question for r in test.records])
     ph = {m: type(readers[m]).placeholder for m in MODS}
     tok.add_special_tokens({"extra_special_tokens": list(ph.values())}, replace_extra_special_tokens=False)
     proc = MedTVTProcessor(tok, ph, 4, readers=readers)

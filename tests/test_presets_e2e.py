@@ -6,7 +6,8 @@
   random LLM writes no ``<answer>`` block, so that protocol's F1 is undefined at every stage and
   must read ``n/a`` with its reason in the log, ``report.md``, ``medtvt eval`` and the model card.
 * ``study`` at the tiny sizes of test_orchestrator.TINY_SETS.
-* ``demo`` at its real settings: tests/test_journey.py (one training run shared with its learning checks).
+* ``demo``: tests/test_journey.py (the preset's settings, shorter training; its learning at the real
+  settings: benchmarks/demo_learns.py, outside CI).
 
 Then ``eval``, ``diagnose``, ``export`` and ``AutoModel`` on each result.
 """

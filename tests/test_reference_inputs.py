@@ -21,7 +21,7 @@ import wfdb
 from scipy.signal import resample
 
 from helpers import CORPUS, PLACEHOLDERS, _TOKENIZERS
-from medtvt_core.build import build_backbone
+from medtvt_core.build import build_llm_plugin
 from medtvt_core.config import resolve_config
 from medtvt_core.data.formats import MIMIC_IV_ECG_LEADS
 from medtvt_core.model import MedTVTConfig, MedTVTForConditionalGeneration
@@ -36,16 +36,16 @@ def preset_model(preset: str) -> MedTVTForConditionalGeneration:
     """The preset's encoders (tiny variants: the same code) and projector block on a tiny LLM."""
     cfg = resolve_config(preset=preset)
     catalog = get_catalog()
-    backbone = build_backbone(TINY_LLM, catalog)
+    llm_plugin = build_llm_plugin(TINY_LLM, catalog)
     key = "reference-inputs"
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = backbone.load_tokenizer(lambda: CORPUS)
+        _TOKENIZERS[key] = llm_plugin.load_tokenizer(lambda: CORPUS)
     tok = copy.deepcopy(_TOKENIZERS[key])
     tok.add_special_tokens({"extra_special_tokens": list(PLACEHOLDERS.values())}, replace_extra_special_tokens=False)
     encoders = {m: {"name": cfg.encoders[m].name, "options": {**cfg.encoders[m].options, "variant": "tiny"}}
                 for m in MODALITIES}
     mc = MedTVTConfig(modalities=list(MODALITIES), encoders=encoders, projector=cfg.projector, llm=TINY_LLM,
-                      fusion={"name": "mpl", "options": {"num_heads": 2}}, text_config=backbone.text_config(tok),
+                      fusion={"name": "mpl", "options": {"num_heads": 2}}, text_config=llm_plugin.text_config(tok),
                       placeholders=PLACEHOLDERS,
                       placeholder_token_ids={m: tok.convert_tokens_to_ids(p) for m, p in PLACEHOLDERS.items()})
     torch.manual_seed(0)

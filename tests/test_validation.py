@@ -213,3 +213,42 @@ def test_run_validates_keeps_the_best_step_and_resumes(tmp_path, tiny_config):
     assert m2["chosen"]["step"] == chosen["step"] and m2["steps"] == m["steps"]
     assert m2["val_f1"] == pytest.approx(m["val_f1"])
     assert (out / "rft" / "final").is_dir() and (out / "rft" / "last").is_dir()
+
+
+def test_validation_from_rft_prompts_leaves_sfts_records_alone(tmp_path, tiny_config):
+    """``validation.source: rft_prompts`` (the demo's): the split comes only from the records
+    ``data.rft_holdout`` gives RFT, so SFT's records are exactly those of a run without validation;
+    ``train`` takes it from every training record first. The rule restated: sha256 of
+    'validation:<seed>:<id>' below the fraction, among RFT's records (sha256 'holdout:<id>' below rft_holdout)."""
+    import hashlib
+
+    from medtvt_core.config import resolve_config
+    from medtvt_core.errors import ConfigError
+    from medtvt_core.run.orchestrator import Run
+
+    def u(text: str) -> float:
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+    def splits(*sets: str) -> Run:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        cfg = resolve_config(config_file=tiny_config, sets=["stages=[sft,rft]", "data.rft_holdout=0.5", "seed=3",
+                                                            f"output_dir={out}", *sets])
+        run = Run(cfg, progress=False, echo=lambda s: None)
+        run.setup()
+        return run
+
+    plain = splits()
+    ids = lambda ds: [r.id for r in ds.records]  # noqa: E731
+    sft_plain, rft_plain = ids(plain.stage_split("sft")), ids(plain.stage_split("rft"))
+    run = splits("validation.fraction=0.3", "validation.source=rft_prompts", "rft.eval_steps=1")
+    assert ids(run.stage_split("sft")) == sft_plain
+    want_val = [i for i in rft_plain if u(f"validation:3:{i}") < 0.3]
+    assert want_val and ids(run.splits["val"]) == want_val
+    assert ids(run.stage_split("rft")) == [i for i in rft_plain if i not in want_val]
+    every = splits("validation.fraction=0.3", "validation.source=train", "rft.eval_steps=1")  # SFT loses some too
+    train_ids = sft_plain + rft_plain
+    assert set(ids(every.splits["val"])) == {i for i in train_ids if u(f"validation:3:{i}") < 0.3}
+    assert set(ids(every.stage_split("sft"))) < set(sft_plain)
+    with pytest.raises(ConfigError, match="needs data.rft_holdout > 0"):
+        resolve_config(config_file=tiny_config, sets=["validation.fraction=0.3", "validation.source=rft_prompts",
+                                                      "rft.eval_steps=1", "data.rft_holdout=0"])

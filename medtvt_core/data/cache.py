@@ -8,7 +8,7 @@ features are never served.  Writes go to a temporary file that is renamed into p
 killed run leaves either a whole entry or none; an entry that fails to read back is deleted
 and re-encoded with a warning.
 
-Random views: a modality whose training ``load`` is random (``Modality.is_random(True)``,
+Random views: a modality whose training ``load`` is random (``ModalityReader.is_random(True)``,
 e.g. CXR random crops, as in the paper) is **not** cached in training: each epoch sees a fresh
 crop, encoded on the fly, so augmentation stays exactly as specified.  Its deterministic
 evaluation view is cached.  To cache CXR in training as well, choose centre crops for training
@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..contracts import Encoder, Modality
+from ..contracts import Encoder, ModalityReader
 from ..errors import DataError
 from ..io import atomic_path
 
@@ -70,7 +70,7 @@ class FeatureCache:
         self._content: dict[tuple[Any, ...], str] = {}
 
     # ------------------------------------------------------------------ keys
-    def content_key(self, modality: Modality, ref: str, *, root: Path) -> str:
+    def content_key(self, modality: ModalityReader, ref: str, *, root: Path) -> str:
         files = modality.files_of(ref, root=root)
         try:
             stamp = tuple((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
@@ -82,7 +82,7 @@ class FeatureCache:
             key = self._content[memo] = modality.content_key(ref, root=root)
         return key
 
-    def entry_key(self, encoder_id: str, modality: Modality, ref: str, *, root: Path, train: bool = False) -> str:
+    def entry_key(self, encoder_id: str, modality: ModalityReader, ref: str, *, root: Path, train: bool = False) -> str:
         view = "train" if train else "eval"
         parts = [CACHE_FORMAT, encoder_id, modality.name, modality.preprocess_fingerprint(), view,
                  self.content_key(modality, ref, root=root), str(self.dtype)]
@@ -127,7 +127,7 @@ class FeatureCache:
             save_file({"features": features.detach().to("cpu", self.dtype).contiguous()}, str(tmp), metadata=metadata)
         return path
 
-    def get_or_encode(self, encoder: Encoder, modality: Modality, ref: str, *, root: Path, train: bool = False,
+    def get_or_encode(self, encoder: Encoder, modality: ModalityReader, ref: str, *, root: Path, train: bool = False,
                       encoder_id: str | None = None) -> torch.Tensor:
         """Features ``[N, C]`` of one input: from the cache, else loaded, encoded (eval, no grad) and stored.
 
@@ -153,7 +153,7 @@ class FeatureCache:
 class _RefLoader(torch.utils.data.Dataset):
     """Loads the inputs still missing from the cache (indices into ``refs``)."""
 
-    def __init__(self, modality: Modality, refs: list[str], root: Path, train: bool):
+    def __init__(self, modality: ModalityReader, refs: list[str], root: Path, train: bool):
         self.modality, self.refs, self.root, self.train = modality, refs, root, train
 
     def __len__(self) -> int:

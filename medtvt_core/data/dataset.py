@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from ..contracts import Encoder, Modality
+from ..contracts import Encoder, ModalityReader
 from ..errors import ConfigError, DataError
 from ..plugins import get_catalog
 from .cache import FeatureCache
@@ -61,7 +61,7 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------- modalities
-def registered_modalities(catalog: Any = None) -> dict[str, type[Modality]]:
+def registered_modalities(catalog: Any = None) -> dict[str, type[ModalityReader]]:
     """Every modality class of the catalog (default: the process-wide one), by name."""
     catalog = get_catalog() if catalog is None else catalog
     return {n: catalog.modalities.get(n) for n in catalog.modalities.list()}
@@ -82,8 +82,8 @@ class QADataset(torch.utils.data.Dataset):
     :attr:`n_without_modality`): they would train on text alone.
     """
 
-    def __init__(self, records: Sequence[QARecord], *, root: str | Path, modalities: Mapping[str, Modality],
-                 known: Mapping[str, type[Modality]] | None = None, train: bool = False, on_bad_sample: OnBad = "fail",
+    def __init__(self, records: Sequence[QARecord], *, root: str | Path, modalities: Mapping[str, ModalityReader],
+                 known: Mapping[str, type[ModalityReader]] | None = None, train: bool = False, on_bad_sample: OnBad = "fail",
                  encoders: Mapping[str, Encoder] | None = None, cache: FeatureCache | None = None, seed: int = 0,
                  encoder_ids: Mapping[str, str] | None = None, skipped: Sequence[SkippedSample] = ()):
         if on_bad_sample not in ("skip", "fail"):
@@ -131,8 +131,8 @@ class QADataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_files(cls, root: str | Path, files: Sequence[str | Path], modalities: Mapping[str, Modality], *,
-                   known: Mapping[str, type[Modality]] | None = None, catalog: Any = None,
+    def from_files(cls, root: str | Path, files: Sequence[str | Path], modalities: Mapping[str, ModalityReader], *,
+                   known: Mapping[str, type[ModalityReader]] | None = None, catalog: Any = None,
                    on_bad_sample: OnBad = "fail", check_files: bool = True, **kwargs: Any) -> "QADataset":
         """Read QA files (relative to ``root``), validate them and build the dataset."""
         root = Path(root)
@@ -347,9 +347,9 @@ def holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord
     return [r for r in records if id(r) not in held], out
 
 
-def open_splits(root: str | Path, *, modalities: Mapping[str, Modality], pt_files: Sequence[str] = (),
+def open_splits(root: str | Path, *, modalities: Mapping[str, ModalityReader], pt_files: Sequence[str] = (),
                 train_file: str | None = None, test_file: str | None = None, on_bad_sample: OnBad = "fail",
-                known: Mapping[str, type[Modality]] | None = None, catalog: Any = None,
+                known: Mapping[str, type[ModalityReader]] | None = None, catalog: Any = None,
                 encoders: Mapping[str, Encoder] | None = None, cache: FeatureCache | None = None,
                 seed: int = 0, persist_stats: bool = True, fit_stats: bool = True) -> dict[str, QADataset]:
     """Datasets ``"pt"`` (PT files), ``"train"`` and ``"test"`` (disease files) sharing the readers.

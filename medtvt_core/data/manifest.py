@@ -1,8 +1,8 @@
 """The dataset manifest (``<root>/medtvt_dataset.json``): QA files, splits and modality statistics.
 
 Statistics that preprocessing needs from the training split (the lab mean percentiles) are
-computed once by ``Modality.fit`` and stored here, keyed by the modality's class, options and
-training references; a later run restores them with ``Modality.set_stats`` instead of
+computed once by ``ModalityReader.fit`` and stored here, keyed by the modality's class, options and
+training references; a later run restores them with ``ModalityReader.set_stats`` instead of
 recomputing or re-reading them per sample.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel
 
-from ..contracts import Modality
+from ..contracts import ModalityReader
 from ..errors import DataError
 from .schema import QARecord
 from ..io import atomic_write_text
@@ -56,7 +56,7 @@ def write_manifest(root: str | Path, data: Mapping[str, Any]) -> Path:
     return p
 
 
-def fit_key(modality: Modality, refs: Sequence[str]) -> str:
+def fit_key(modality: ModalityReader, refs: Sequence[str]) -> str:
     """Identity of a fit: modality class, options and the set of training references."""
     cfg = getattr(modality, "config", None)
     opts = cfg.model_dump_json() if isinstance(cfg, BaseModel) else ""
@@ -66,7 +66,7 @@ def fit_key(modality: Modality, refs: Sequence[str]) -> str:
     return h.hexdigest()[:24]
 
 
-def training_refs(records: Sequence[QARecord], modality: Modality) -> list[str]:
+def training_refs(records: Sequence[QARecord], modality: ModalityReader) -> list[str]:
     """Unique references of ``modality`` in the training records, in first-seen order."""
     seen: dict[str, None] = {}
     for r in records:
@@ -76,7 +76,7 @@ def training_refs(records: Sequence[QARecord], modality: Modality) -> list[str]:
     return list(seen)
 
 
-def prepare_stats(root: str | Path, modalities: Mapping[str, Modality], train_records: Sequence[QARecord], *,
+def prepare_stats(root: str | Path, modalities: Mapping[str, ModalityReader], train_records: Sequence[QARecord], *,
                   persist: bool = True) -> dict[str, dict[str, Any]]:
     """Give every modality its training statistics: restored from the manifest when they match, else fitted.
 

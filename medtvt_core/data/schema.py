@@ -10,7 +10,7 @@ A record (the reference format plus our ``"lab"`` field and an optional ``"id"``
      "lab": ["20000017"]}
 
 The modality fields are not fixed: each registered modality names its field
-(``Modality.record_field``) and its placeholder (``Modality.placeholder``).  Rules checked for
+(``ModalityReader.record_field``) and its placeholder (``ModalityReader.placeholder``).  Rules checked for
 every known modality: the field holds one reference (a string or an integer id, alone or in
 a one-element list) exactly when the question holds its placeholder once; the answer never
 holds a placeholder.  Other keys are kept and ignored.
@@ -30,7 +30,7 @@ from ..io import atomic_write_text
 
 
 class ModalityFields(Protocol):
-    """What the schema needs of a modality (a Modality class or instance)."""
+    """What the schema needs of a modality (a ModalityReader class or instance)."""
 
     name: str
     placeholder: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from ..build import build_backbone, build_readers
+from ..build import build_llm_plugin, build_readers
 from ..errors import ConfigError
 from ..plugins import get_catalog
 from .configuration import MedTVTConfig
@@ -27,8 +27,8 @@ def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[st
     """
     catalog = catalog if catalog is not None else get_catalog()
     readers = dict(readers) if readers is not None else build_readers(cfg.modalities, cfg.modality_options_in_use, catalog)
-    backbone = build_backbone(cfg.llm.model_dump(), catalog)
-    tok = backbone.load_tokenizer(corpus)
+    llm_plugin = build_llm_plugin(cfg.llm.model_dump(), catalog)
+    tok = llm_plugin.load_tokenizer(corpus)
     placeholders = {m: readers[m].placeholder for m in cfg.modalities}
     clash = [p for p in placeholders.values() if p in tok.get_vocab()]
     if clash:
@@ -41,7 +41,7 @@ def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[st
                                 prompt_format=cfg.prompt.format, answer_end_token=cfg.prompt.answer_end_token,
                                 chat_template_kwargs=cfg.prompt.chat_template_kwargs,
                                 default_question=default_question, max_new_tokens=cfg.eval.max_new_tokens)
-    text_config = backbone.text_config(tok)
+    text_config = llm_plugin.text_config(tok)
     config = MedTVTConfig(
         modalities=list(cfg.modalities), encoders={m: cfg.encoders[m] for m in cfg.modalities},
         projector=cfg.projector, fusion=cfg.fusion, llm=cfg.llm, text_config=text_config,
@@ -54,5 +54,5 @@ def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[st
             raise ConfigError(f"modality {m}: reader {type(r).__name__} gives samples of shape {tuple(r.sample_shape)} "
                               f"but encoder {cfg.encoders[m].name!r} consumes {want}; align the reader options "
                               f"(data.modality_options.{m}) with the encoder")
-    model.backbone.prepare_base(model.llm, tok, corpus)
+    model.llm_plugin.prepare_base(model.llm, tok, corpus)
     return model, processor

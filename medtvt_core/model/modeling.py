@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..build import build_backbone, build_encoder, build_fusion
+from ..build import build_encoder, build_fusion, build_llm_plugin
 from ..contracts import IdentityFusion
 from ..errors import ConfigError, DataError
 from .configuration import MedTVTConfig
@@ -117,8 +117,8 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         self.encoders = nn.ModuleDict({m: build_encoder(m, config.encoders[m], k, catalog) for m in config.modalities})
         for enc in self.encoders.values():
             enc.backbone_eval()  # modules start in train mode; a frozen backbone's BatchNorm must not
-        self.backbone = build_backbone(config.llm, catalog)  # the plugin (a factory), not a module
-        self.llm = self.backbone.build_model(config.text_config, adapter=not config.lora_merged)
+        self.llm_plugin = build_llm_plugin(config.llm, catalog)  # the plugin (a factory), not a module
+        self.llm = self.llm_plugin.build_model(config.text_config, adapter=not config.lora_merged)
         d = int(config.text_config.hidden_size)
         proj = config.projector
         norm = proj["normalize_input"]  # true / false, or the modalities to normalise (the reference: cxr, lab)

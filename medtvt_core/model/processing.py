@@ -4,7 +4,7 @@ Like a transformers processor (tokenizer + image processor), it is saved next to
 (``save_pretrained``: the tokenizer files and ``processor_config.json``) and holds:
 
 * the tokenizer (with one special token per modality placeholder, e.g. ``<ecg>``);
-* the modality readers (:class:`~medtvt_core.contracts.Modality` plugins) with their options and
+* the modality readers (:class:`~medtvt_core.contracts.ModalityReader` plugins) with their options and
   training-split statistics (lab mean percentiles), so a saved model reads new inputs exactly as
   its training data were read, without the data directory;
 * the prompt format:

@@ -49,11 +49,11 @@ def _referenced(model: Any) -> tuple[set[str], list[dict[str, Any]]]:
         if wf:
             keys |= {f"encoders.{m}.{k}" for k in enc.backbone_state()}
             files += [(f"encoders.{m}", p) for p in wf]
-    wf = [] if model.config.lora_merged else model.backbone.weight_files()
+    wf = [] if model.config.lora_merged else model.llm_plugin.weight_files()
     if wf:
         # The LLM base comes from its checkpoint (new embedding rows are derived from it
         # deterministically); LoRA and, once trained, the extras are ours.
-        extras = set(model.backbone.extra_parameter_names(model.llm)) if model.config.extras_trained else set()
+        extras = set(model.llm_plugin.extra_parameter_names(model.llm)) if model.config.extras_trained else set()
         ids = {id(state[f"llm.{n}"]) for n in extras if f"llm.{n}" in state}
         keys |= {k for k, v in state.items() if k.startswith("llm.") and "lora_" not in k and id(v) not in ids}
         files += [("llm", p) for p in wf]

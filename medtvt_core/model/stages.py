@@ -43,7 +43,7 @@ def parameter_group(model: Any, group: str) -> list[str]:
     if group == "lora":
         return [n for n, _ in named if "lora_" in n]
     if group == "extras":
-        return [f"llm.{n}" for n in model.backbone.extra_parameter_names(model.llm)]
+        return [f"llm.{n}" for n in model.llm_plugin.extra_parameter_names(model.llm)]
     raise ConfigError(f"unknown parameter group {group!r}")
 
 

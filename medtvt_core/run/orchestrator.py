@@ -33,11 +33,32 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import RunConfig, dump_config
+from ..build import build_readers, required_weights, validate_run
+from ..config import RunConfig, dump_config, write_config
+from ..data.cache import FeatureCache, encode_dataset
+from ..data.dataset import holdout, open_splits
+from ..data.schema import read_qa_file
+from ..data.synth import ensure_synthetic
 from ..errors import ConfigError
 from ..io import atomic_dir, write_json
+from ..metrics.display import ce_line
+from ..model.factory import new_model
+from ..model.modeling import MedTVTForConditionalGeneration
+from ..model.processing import MedTVTProcessor
+from ..model.serialization import is_saved_model
+from ..model.stages import configure_trainable
+from ..plugin_calls import plugins_in_use
+from ..plugins import get_catalog
 from ..training.arguments import resolve_device
+from ..training.grpo import check_rft_layout, run_grpo
+from ..training.supervised import SupervisedCollator, run_supervised
+from .attribution import dataset_attribution, gate_check
+from .environment import set_deterministic, write_environment
+from .evaluation import evaluate_model
 from .layout import FINAL
+from .report import write_report
+from .subsets import subsets_of_config
+from .validation import best_dirs, carve_validation, keep_best, make_callback, run_summary
 
 log = logging.getLogger("medtvt.run")
 
@@ -122,28 +143,16 @@ class Run:
 
     def setup(self) -> None:
         """Data, readers and splits; the model is made (or loaded) by :meth:`execute`."""
-        from ..build import build_readers, validate_run
-        from ..data.dataset import open_splits
-        from ..data.synth import ensure_synthetic
-        from ..plugins import get_catalog
-
-        from .environment import set_deterministic
-
         cfg = self.cfg
         catalog = get_catalog()
         if not self.validated:  # the caller may have checked it already (an ablation checks every variant first)
             validate_run(cfg, catalog)
         if cfg.weights_required:
-            from ..build import required_weights
-
             required_weights(cfg, catalog)
         self._check_run_dir()
         self.barrier()  # every process checks the directory before the main one writes config.yaml into it
         set_deterministic(cfg.deterministic)
         if self.is_main:
-            from ..config import write_config
-            from .environment import write_environment
-
             self.out.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.out / "config.yaml")
             write_environment(self.out / "environment.json", cfg, catalog, world_size=self.dist.num_processes)
@@ -163,29 +172,36 @@ class Run:
             self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
             train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
             catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
-        if cfg.validation.fraction and "train" in self.splits and any(getattr(cfg, s).eval_steps for s in cfg.stages):
-            from .validation import carve_validation
-
-            rest, val = carve_validation(self.splits["train"].records, cfg.validation.fraction, cfg.seed)
-            if not val or not rest:
-                raise ConfigError(f"validation.fraction={cfg.validation.fraction} leaves {len(rest)} training and "
-                                  f"{len(val)} validation record(s); both need some")
-            self.splits["val"] = self.splits["train"].subset(val)
-            self.splits["train"] = self.splits["train"].subset(rest)
+        v = cfg.validation
+        carve = bool(v.fraction and "train" in self.splits and any(getattr(cfg, s).eval_steps for s in cfg.stages))
+        if carve and v.source == "train":
+            self._carve_validation(self.splits["train"].records)
         if cfg.data.rft_holdout and "train" in self.splits:
-            from ..data.dataset import holdout
-
             sft_recs, rft_recs = holdout(self.splits["train"].records, cfg.data.rft_holdout)
             if not sft_recs or not rft_recs:
                 raise ConfigError(f"data.rft_holdout={cfg.data.rft_holdout} leaves {len(sft_recs)} SFT and "
                                   f"{len(rft_recs)} RFT record(s); both need some")
+            if carve and v.source == "rft_prompts":
+                val_ids = {r.id for r in self._carve_validation(rft_recs)}
+                rft_recs = [r for r in rft_recs if r.id not in val_ids]
             self.holdout_ids = {r.id for r in rft_recs}
         if "rft" in cfg.stages:  # a layout the processes cannot share fails now, not after PT and SFT
-            from ..training.grpo import check_rft_layout
-
             check_rft_layout(cfg.rft, world_size=self.dist.num_processes,
                              n_prompts=len(self.stage_split("rft")))
         self.barrier()
+
+    def _carve_validation(self, pool: list[Any]) -> list[Any]:
+        """Moves ``validation.fraction`` of ``pool`` (training records) to ``splits["val"]``."""
+        fraction = self.cfg.validation.fraction
+        rest, val = carve_validation(pool, fraction, self.cfg.seed)
+        if not val or not rest:
+            raise ConfigError(f"validation.fraction={fraction} leaves {len(rest)} and {len(val)} validation "
+                              f"record(s) of the {len(pool)} it is carved from (validation.source="
+                              f"{self.cfg.validation.source}); both need some")
+        ids = {r.id for r in val}
+        self.splits["val"] = self.splits["train"].subset(val)
+        self.splits["train"] = self.splits["train"].subset([r for r in self.splits["train"].records if r.id not in ids])
+        return val
 
     def stage_split(self, stage: str) -> Any:
         """The training records of ``stage``: PT's files; the disease-level split for SFT and RFT, less
@@ -199,8 +215,6 @@ class Run:
 
     def _attach_cache(self) -> None:
         """Frozen features: encoded once by the main process (the others wait, then read)."""
-        from ..data.cache import FeatureCache, encode_dataset
-
         cfg = self.cfg
         t0 = time.perf_counter()
         if cfg.data.use_cache:
@@ -237,13 +251,9 @@ class Run:
         return self.out / stage
 
     def completed(self, stage: str) -> bool:
-        from ..model.serialization import is_saved_model
-
         return is_saved_model(self._stage_dir(stage) / FINAL)
 
     def _corpus(self) -> list[str]:
-        from ..data.schema import read_qa_file
-
         texts: list[str] = []
         classes = [type(m) for m in self.readers.values()]
         for f in [*self.cfg.data.pt_files, self.cfg.data.train_file]:
@@ -259,9 +269,6 @@ class Run:
 
     def new_model(self) -> None:
         """A fresh model (tokenizer trained or read, base prepared), the cache, feature statistics."""
-        from ..model.factory import new_model
-        from ..plugins import get_catalog
-
         seed_everything(self.cfg.seed)
         self.model, self.processor = new_model(self.cfg, get_catalog(), corpus=self._corpus,
                                                default_question=self._default_question(), readers=self.readers)
@@ -272,10 +279,6 @@ class Run:
 
     def load_stage(self, stage: str) -> None:
         """The model of a completed stage (its ``final/``), with this run's readers."""
-        from ..model.modeling import MedTVTForConditionalGeneration
-        from ..model.processing import MedTVTProcessor
-        from ..plugins import get_catalog
-
         final = self._stage_dir(stage) / FINAL
         self.model = MedTVTForConditionalGeneration.from_pretrained(final, catalog=get_catalog())
         self.processor = MedTVTProcessor.from_pretrained(final, catalog=get_catalog())
@@ -303,8 +306,6 @@ class Run:
 
     # ------------------------------------------------------------------ stages
     def run_stage(self, stage: str) -> None:
-        from ..model.stages import configure_trainable
-
         cfg = self.cfg
         sdir = self._stage_dir(stage)
         if stage != "pt" and self.model.config.stage in (None, "pt") and self.model.config.fusion != cfg.fusion.model_dump():
@@ -322,8 +323,6 @@ class Run:
         self.echo(f"[{stage}] training: {len(names)} trainable tensors, {n_params:,} parameters")
         t0 = time.perf_counter()
         if stage in ("pt", "sft"):
-            from ..training.supervised import SupervisedCollator, run_supervised
-
             scfg = getattr(cfg, stage)
             ds = self.stage_split(stage)
             collator = SupervisedCollator(ds.collator(), self.processor, scfg.max_length)
@@ -340,26 +339,17 @@ class Run:
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
                 write_json(sdir / "history.json", hist)
-            from .validation import best_dirs
-
             for p in best_dirs(sdir).values():  # final/ holds the chosen one now
                 shutil.rmtree(p, ignore_errors=True)
         self.barrier()
 
     def _validation_callbacks(self, stage: str, sdir: Path) -> list[Any]:
-        from .validation import make_callback
-
         return make_callback(self, stage, sdir)
 
     def _keep_best(self, stage: str, sdir: Path, hist: list[dict[str, Any]]) -> None:
-        from .validation import keep_best
-
         keep_best(self, stage, sdir, hist)
 
     def _run_rft(self, sdir: Path, resume: bool, callbacks: list[Any] = ()) -> list[dict[str, Any]]:
-        from ..plugins import get_catalog
-        from ..training.grpo import run_grpo
-
         cfg = self.cfg
         catalog = get_catalog()
         funcs = [catalog.rewards.get(r.name) for r in cfg.rewards]
@@ -370,13 +360,13 @@ class Run:
 
     def _rft_echo(self, logs: dict[str, Any]) -> None:
         if "reward" in logs:
-            self.echo(f"[rft] step {logs.get('step')} reward {logs['reward']:.3f} loss {logs.get('loss', float('nan')):.4f}"
-                      f" kl {logs.get('kl', float('nan')):.4f}")
+            def num(k: str) -> str:  # a value this log entry does not hold reads n/a, not nan
+                return f"{logs[k]:.4f}" if isinstance(logs.get(k), (int, float)) else "n/a"
+
+            self.echo(f"[rft] step {logs.get('step')} reward {logs['reward']:.3f} loss {num('loss')} kl {num('kl')}")
 
     # ------------------------------------------------------------------ eval
     def evaluate_stage(self, stage: str) -> dict[str, Any]:
-        from .evaluation import evaluate_model
-
         t0 = time.perf_counter()
         train = self.splits.get("train")
         records: list[dict[str, Any]] = []
@@ -386,8 +376,6 @@ class Run:
                              progress=self.progress, sampling=self.cfg.rft, seed=self.cfg.seed, records_out=records)
         last = stage == self.cfg.stages[-1]
         if self.cfg.eval.attribution and last and len(self.model.modalities) > 1:
-            from .attribution import dataset_attribution, gate_check
-
             e = self.cfg.eval
             test = self.splits["test"]
             if e.modalities is not None:
@@ -397,8 +385,6 @@ class Run:
                                                      limit=e.limit)
             res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
         if last and self.cfg.eval.modality_subsets:
-            from .subsets import subsets_of_config
-
             res["subsets"] = subsets_of_config(self.model, self.processor, self.splits["test"], self.cfg,
                                                full_records=records, data_root=self.data_root, progress=self.progress)
         self.timings[f"eval_{stage}"] = time.perf_counter() - t0
@@ -426,18 +412,12 @@ class Run:
             if self.cfg.evaluate:
                 self.echo(f"[{stage}] evaluating on {len(self.splits['test'])} test records")
                 self.metrics[stage] = self.evaluate_stage(stage)
-                from ..metrics.display import ce_line
-
                 self.echo(f"[{stage}] {ce_line(self.metrics[stage]['ce'], self.metrics[stage].get('protocol'))}")
         self.timings["total"] = time.perf_counter() - t_start
         self.finish()
         return self.metrics
 
     def finish(self) -> None:
-        from .report import write_report
-
-        from ..plugin_calls import plugins_in_use
-
         summary = {"seed": self.cfg.seed, "world_size": self.dist.num_processes, "stages": self.metrics,
                    "timings_s": self.timings, "plugins": plugins_in_use(self.cfg)}
         if self.stage_store is not None:  # ablate / --seeds: the models live in the shared store
@@ -445,8 +425,6 @@ class Run:
         base = next((m["baseline"] for m in self.metrics.values() if "baseline" in m), None)
         if base is not None:
             summary["baseline"] = base
-        from .validation import run_summary
-
         val = run_summary(self)
         if val:
             summary["validation"] = val

@@ -2,7 +2,7 @@
 
 Nothing here knows a modality by name: a modality's files are staged into a directory of their
 own under their own names (a ``.zip`` is unpacked), and the file to give the reader is the one
-whose :meth:`~medtvt_core.contracts.Modality.files_of` covers every file uploaded (a WFDB header
+whose :meth:`~medtvt_core.contracts.ModalityReader.files_of` covers every file uploaded (a WFDB header
 names its signal files). A reader with a key column (a table such as the labs CSV) gets its row
 shown as an editable table. Example patients come from a run's test split. No gradio import:
 the HTTP API and the page share this module.

@@ -2,8 +2,9 @@
 ``<stage>.eval_steps`` optimiser steps (and at step 0 and the last step), the best step kept.
 
 The split (``validation.fraction``) is taken from the disease-level training records before
-``data.rft_holdout`` divides the rest between SFT and RFT, so no stage trains on it; the test split
-is never touched.  A validation scores greedy reports (F1, F1 per disease, answer rate, each reward
+``data.rft_holdout`` divides the rest between SFT and RFT (``validation.source: train``), or from
+RFT's share only (``rft_prompts``: SFT's records stay as without validation); no stage trains on
+it and the test split is never touched.  A validation scores greedy reports (F1, F1 per disease, answer rate, each reward
 and their weighted total) and ``validation.samples`` sampled reports per record (their mean
 weighted reward: what GRPO maximises).  With several processes each generates its share of the
 records and the main process gathers them (as :mod:`.evaluation`), so every rank logs the same
@@ -189,15 +190,22 @@ class ValidationCallback(TrainerCallback):
             self.on_validation(list(state.log_history))
 
 
+_HOW = {
+    "train": "disease-level training records whose sha256('validation:<seed>:<record id>') falls below the fraction, "
+             "removed before data.rft_holdout splits the rest between SFT and RFT; no stage trains on them; the "
+             "test split is not used",
+    "rft_prompts": "of the disease-level training records data.rft_holdout keeps for RFT (never in SFT), those whose "
+                   "sha256('validation:<seed>:<record id>') falls below the fraction, removed from RFT's prompts; "
+                   "no stage trains on them; the test split is not used",
+}
+
+
 def validation_summary(history: Sequence[dict[str, Any]], metric: str | None, *, n: int, fraction: float,
-                       seed: int) -> dict[str, Any]:
+                       seed: int, source: str = "train") -> dict[str, Any]:
     """``metrics.json``'s account of a stage's validation: the split, the steps and the chosen one."""
     vals = validations(history)
     out: dict[str, Any] = {
-        "split": {"n_records": n, "fraction": fraction, "seed": seed,
-                  "how": "disease-level training records whose sha256('validation:<seed>:<record id>') falls below "
-                         "the fraction, removed before data.rft_holdout splits the rest between SFT and RFT; "
-                         "no stage trains on them; the test split is not used"},
+        "split": {"n_records": n, "fraction": fraction, "seed": seed, "source": source, "how": _HOW[source]},
         "steps": [h["step"] for h in vals],
         "val_f1": [h.get("val_f1") for h in vals],
     }
@@ -212,6 +220,9 @@ def validation_summary(history: Sequence[dict[str, Any]], metric: str | None, *,
                              "why": f"highest {metric} ({best[metric]:.4f}) of the validations after step 0 at steps "
                                     f"{', '.join(str(h['step']) for h in vals if h['step'] > 0)} (the earliest among "
                                     f"equals; step 0, the stage's starting model, is not a candidate)"}
+    elif vals:  # no selection: the model kept is the last step's, and metrics.json says so
+        out["chosen"] = {"step": vals[-1]["step"], "val_f1": vals[-1].get("val_f1"),
+                         "why": "no metric_for_best_model: the last step's model is kept"}
     return out
 
 
@@ -295,7 +306,7 @@ def run_summary(run: Any) -> dict[str, Any]:
         kw = dict(stage=stage, metric=v.alarm_metric, window=v.alarm_window, confidence_level=v.confidence_level,
                   n_resamples=v.n_resamples, seed=cfg.seed)
         s = validation_summary(hist, getattr(cfg, stage).metric_for_best_model, n=len(run.splits["val"]),
-                               fraction=v.fraction, seed=cfg.seed)
+                               fraction=v.fraction, seed=cfg.seed, source=v.source)
         s["alarm"] = reward_hacking_alarm(hist, **kw)
         s["alarms_during_training"] = alarms_over_training(hist, **kw)
         out[stage] = s
@@ -323,8 +334,9 @@ def report_section(out: Path, summary: dict[str, Any], history: dict[str, list[d
                          f"{_fmt(h.get('val_reward'))} | {_fmt(h.get('val_reward_sampled'))} |")
         if "chosen" in s:
             c = s["chosen"]
+            last = "; `{stage}/last` is the last step's" if "metric_for_best_model" in s else ""
             lines += ["", f"`{stage}/final` is the model of step {c['step']} (validation F1 {_fmt(c.get('val_f1'))}): "
-                          f"{c['why']}; `{stage}/last` is the last step's."]
+                          f"{c['why']}{last.format(stage=stage)}."]
         lines += ["", s["alarm"]["message"]]
         for a in s.get("alarms_during_training", []):
             if a["steps"] != s["alarm"].get("steps"):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from pydantic import BaseModel
 
-from ..contracts import Encoder, Fusion, LLMBackbone, Modality
+from ..contracts import Encoder, Fusion, LLMBackbone, ModalityReader
 from ..errors import PluginError
 from ..registry import PluginSpec
 
@@ -94,8 +94,8 @@ def plugin_import(spec: PluginSpec[Any]) -> list[str]:
 def modality_attributes(spec: PluginSpec[Any]) -> list[str]:
     cls = spec.obj
     out: list[str] = []
-    if not (isinstance(cls, type) and issubclass(cls, Modality)):
-        return [f"{spec.name}: {cls!r} is not a subclass of medtvt_core.contracts.Modality"]
+    if not (isinstance(cls, type) and issubclass(cls, ModalityReader)):
+        return [f"{spec.name}: {cls!r} is not a subclass of medtvt_core.contracts.ModalityReader"]
     if getattr(cls, "name", None) != spec.name:
         out.append(f"{spec.name}: class attribute name={getattr(cls, 'name', None)!r} differs from the registered name")
     ph = getattr(cls, "placeholder", "")

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, model_validator
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import Modality, PluginConfig
+from medtvt_core.contracts import ModalityReader, PluginConfig
 from medtvt_core.data.formats import IMAGENET_MEAN, IMAGENET_STD
 from medtvt_core.errors import DataError
 
@@ -35,7 +35,7 @@ class CxrConfig(PluginConfig):
         return self
 
 
-class CxrModality(Modality):
+class CxrModality(ModalityReader):
     """Chest radiograph (JPEG/PNG, grey or colour) -> float32 ``[3, crop, crop]`` with torchvision.transforms.v2.
 
     Pipeline, as the reference's: resize the shorter side to ``resize`` (PIL bilinear with

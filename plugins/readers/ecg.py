@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import Modality, PluginConfig
+from medtvt_core.contracts import ModalityReader, PluginConfig
 from medtvt_core.data.formats import MIMIC_IV_ECG_LEADS
 from medtvt_core.errors import DataError
 
@@ -56,7 +56,7 @@ _HEADER_ALLOWED = ("a header wfdb.rdheader reads: a record line (name, signal co
                    "per signal), then one line per signal; '#' comment lines and blank lines may appear anywhere")
 
 
-class EcgModality(Modality):
+class EcgModality(ModalityReader):
     """ECG from a single-segment WFDB record (``.hea`` + signal files), leads selected by name.
 
     Each lead is read at its own rate (frame rate x samples per frame), cut or padded to

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import Modality, PluginConfig
+from medtvt_core.contracts import ModalityReader, PluginConfig
 from medtvt_core.data.schema import normalise_ref
 from medtvt_core.errors import DataError
 
@@ -46,7 +46,7 @@ class _LabTable:
         self.path, self.labs, self.pct, self.raw, self.rows = path, labs, pct, raw, rows
 
 
-class LabModality(Modality):
+class LabModality(ModalityReader):
     """Labs of one admission: 50 percentiles (missing -> training mean) + 50 measured flags.
 
     The CSV is read and validated once per file and kept in memory; the training means come

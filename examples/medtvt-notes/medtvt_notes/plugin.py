@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from medtvt_core import hookimpl
-from medtvt_core.contracts import Encoder, Modality, PluginConfig
+from medtvt_core.contracts import Encoder, ModalityReader, PluginConfig
 from medtvt_core.errors import DataError
 
 
@@ -25,7 +25,7 @@ class NoteConfig(PluginConfig):
     max_bytes: int = Field(1 << 20, ge=1, description="refuse notes larger than this many bytes")
 
 
-class NoteModality(Modality):
+class NoteModality(ModalityReader):
     """Free-text clinical note read from a UTF-8 file, as a hashed bag of words."""
 
     name = "note"
