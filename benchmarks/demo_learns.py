@@ -1,11 +1,11 @@
-"""Does the demo learn, at its real settings, over seeds?  README's bars, measured and printed.
+"""Does the demo learn, at its real settings, over seeds?  The learning bars, measured and printed.
 
 Trains ``medtvt run --preset demo --seeds S --out DIR`` (unless ``--from`` names runs already
 trained: a run directory, or a ``--seeds`` directory holding ``base/seed-<s>/``) and prints, per seed
 and as mean +- sample std:
 
-* SFT and RFT F1 (strict protocol) against the majority-class baseline (README: SFT F1 at least the
-  baseline + 0.15; RFT's held-out reward at least SFT's, greedy and sampled);
+* SFT and RFT F1 (strict protocol) against the majority-class baseline (the bar: at least the
+  baseline + 0.15), RFT's held-out reward against SFT's, greedy and sampled;
 * RFT's validation (the step kept, its validation F1, the reward-hacking alarm);
 * with ``eval.modality_subsets`` in the runs (``--subsets`` passes ``[all-singles,all-pairs]``):
   per subset F1, format reward and the evidence F1 against the same diseases with every modality
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SFT_MARGIN = 0.15  # README's bar: SFT F1 >= majority baseline + 0.15
+SFT_MARGIN = 0.15  # the learning bar: F1 >= majority baseline + 0.15
 EVIDENCE_TOL, FORMAT_MIN = 0.05, 0.98  # docs/partial_patients.md's bars for partial patients
 
 
