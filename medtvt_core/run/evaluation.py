@@ -15,9 +15,17 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..answers import answer_set
 from ..config import EvalConfig
+from ..data.labels import DISEASES
+from ..errors import ConfigError
 from ..io import atomic_write_text
+from ..metrics import compute_protocols, majority_baseline
+from ..metrics.clinical import _per_sample, pred_sets, ref_sets
 from ..model import generation
+from ..model.sampling import SeededRowSampler, row_generators
+from ..plugin_calls import call_rewards
+from ..plugins import get_catalog
 
 log = logging.getLogger("medtvt.eval")
 
@@ -64,8 +72,6 @@ def generate_reports(model: Any, processor: Any, dataset: Any, *, batch_size: in
 
 def weights_by_disease(records: Sequence[dict[str, Any]], diseases: Sequence[str]) -> dict[str, dict[str, float]]:
     """Mean modality weight over the test samples whose reference contains each disease."""
-    from ..answers import answer_set
-
     acc: dict[str, dict[str, list[float]]] = {}
     for r in records:
         if not r.get("weights"):
@@ -79,8 +85,6 @@ def weights_by_disease(records: Sequence[dict[str, Any]], diseases: Sequence[str
 
 def _reward_columns(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any) -> list[list[float | None]]:
     """Per reward, its value on each record (None: undefined), scored as in RFT (plugin_calls.call_rewards)."""
-    from ..plugin_calls import call_rewards
-
     if not rewards:
         return []
     scores = call_rewards([catalog.rewards.spec(rr.name) for rr in rewards], [r["prompt"] for r in records],
@@ -92,8 +96,6 @@ def _reward_columns(records: Sequence[dict[str, Any]], rewards: Sequence[Any], c
 def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> list[float | None]:
     """Per record, the weighted sum of the rewards (``None`` where every reward is undefined)."""
     if catalog is None:
-        from ..plugins import get_catalog
-
         catalog = get_catalog()
     cols = [(rr.weight, c) for rr, c in zip(rewards, _reward_columns(records, rewards, catalog))]
     out: list[float | None] = []
@@ -106,8 +108,6 @@ def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], cat
 def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> dict[str, float]:
     """Mean of each configured reward on the reports, and their weighted ``total``."""
     if catalog is None:
-        from ..plugins import get_catalog
-
         catalog = get_catalog()
     out: dict[str, float] = {}
     total = 0.0
@@ -122,9 +122,6 @@ def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], cata
 def evaluate_records(records: Sequence[dict[str, Any]], cfg: EvalConfig, *, train_answers: Sequence[str] = ()) -> dict[str, Any]:
     """Clinical efficacy + NLG metrics under ``cfg.protocols`` (+ majority baseline when ``train_answers``
     are given; the baseline is scored with the strict protocol)."""
-    from ..data.labels import DISEASES
-    from ..metrics import compute_protocols, majority_baseline
-
     preds = [r["prediction"] for r in records]
     refs = [r["reference"] for r in records]
     by = compute_protocols(preds, refs, protocols=list(cfg.protocols), metrics=list(cfg.metrics),
@@ -154,9 +151,6 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
     Returns ``{"samples", "temperature", "top_p", <reward name>: mean, "total": weighted mean,
     "per_record": {id: mean weighted total of its samples}}``.
     """
-    from ..model.sampling import SeededRowSampler, row_generators
-    from ..plugins import get_catalog
-
     cat = get_catalog()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
@@ -201,8 +195,6 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
     if cfg.modalities is not None:
         unknown = [m for m in cfg.modalities if m not in dataset.modality_names]
         if unknown:
-            from ..errors import ConfigError
-
             raise ConfigError(f"eval.modalities: the model has no {unknown[0]!r} modality "
                               f"(modalities: {', '.join(dataset.modality_names)})")
         dataset = dataset.masked(withheld=[m for m in dataset.modality_names if m not in cfg.modalities])
@@ -236,9 +228,6 @@ def per_record(records: Sequence[dict[str, Any]], rewards: Sequence[Any],
     reward of the sampled reports (``sampled``, when evaluated), and per disease ``named/<d>``:
     1 if the report names ``d``, 0 if not, for records whose reference holds ``d`` (undefined for
     the others), i.e. each disease's sensitivity as a per-record score."""
-    from ..data.labels import DISEASES
-    from ..metrics.clinical import _per_sample, pred_sets, ref_sets
-
     ids = [r["id"] for r in records]
     preds, refs = pred_sets(r["prediction"] for r in records), ref_sets(r["reference"] for r in records)
     per = [_per_sample(a, b) for a, b in zip(preds, refs)]

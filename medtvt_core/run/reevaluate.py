@@ -8,9 +8,18 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config import resolve_config
+from ..data.cache import FeatureCache, encode_dataset
+from ..data.dataset import open_splits
+from ..data.manifest import read_manifest
 from ..io import write_json
+from ..metrics.display import undefined_reasons
 from ..training.arguments import resolve_device
+from .attribution import dataset_attribution, gate_check
+from .diagnose import load_model_dir, model_dir_of_run
 from .evaluation import evaluate_model
+from .report import write_report
+from .subsets import subsets_of_config
 
 __all__ = ["evaluate_saved"]
 
@@ -24,13 +33,6 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     the numbers of its ``metrics.json`` are reproduced, the last stage's attributions included) and its
     ``metrics.json`` is updated.
     """
-    from ..config import resolve_config
-    from ..data.cache import FeatureCache, encode_dataset
-    from ..data.dataset import open_splits
-    from ..data.manifest import read_manifest
-    from ..metrics.display import undefined_reasons
-    from .diagnose import load_model_dir, model_dir_of_run
-
     if run_dir is not None:
         cfg = resolve_config(config_file=Path(run_dir) / "config.yaml", sets=list(sets))
         model_dir = model_dir_of_run(Path(run_dir), stage)
@@ -64,15 +66,11 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
                          predictions_path=(Path(run_dir) / "eval" / pred_name) if run_dir else None,
                          progress=progress, sampling=cfg.rft, seed=cfg.seed, records_out=records)
     if run_dir is not None and cfg.eval.attribution and stage == cfg.stages[-1] and len(model.modalities) > 1:
-        from .attribution import dataset_attribution, gate_check
-
         masked = test if key is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
         res["attribution"] = dataset_attribution(model, processor, masked, batch_size=cfg.eval.batch_size,
                                                  max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit)
         res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
     if cfg.eval.modality_subsets:
-        from .subsets import subsets_of_config
-
         res["subsets"] = subsets_of_config(model, processor, test, cfg, full_records=records, data_root=root,
                                            progress=progress)
     if run_dir is not None:
@@ -86,8 +84,6 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
             summary.setdefault("by_modalities", {}).setdefault(key, {})[stage] = res
         write_json(path, summary)
         if key is None and res.get("subsets"):  # report.md shows the new table
-            from .report import write_report
-
             hist = Path(run_dir) / "history.json"
             write_report(Path(run_dir), cfg, summary, json.loads(hist.read_text()) if hist.is_file() else {})
     ce = res["ce"]

@@ -17,6 +17,16 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..answers import DISEASES, answer_set
+from ..config import expand_subsets
+from ..data.manifest import read_manifest
+from ..errors import ConfigError
+from ..io import save_figure
+from ..metrics.clinical import clinical_efficacy
+from ..plugins import get_catalog
+from ..stats import MIN_RECORDS, summarize_ablation
+from .evaluation import generate_reports, mean_rewards, per_record
+
 __all__ = ["subset_name", "evidence_of", "score_records", "evaluate_subsets", "subsets_markdown",
            "plot_subsets", "aggregate_subsets"]
 
@@ -32,9 +42,6 @@ def evidence_of(configured: Mapping[str, Sequence[str]] | None, data_root: Path 
     """``(disease -> evidence modalities, where it came from)``: ``eval.evidence`` when given, else the
     manifest's ``evidence`` table; ``(None, None)`` without either. Names outside the run's
     modalities are an error (a typo would silently drop a disease from the table)."""
-    from ..data.manifest import read_manifest
-    from ..errors import ConfigError
-
     if configured:
         table, source = {d: list(m) for d, m in configured.items()}, "eval.evidence"
     else:
@@ -54,10 +61,6 @@ def evidence_of(configured: Mapping[str, Sequence[str]] | None, data_root: Path 
 def score_records(records: Sequence[dict[str, Any]], rewards: Sequence[Any]) -> dict[str, dict[str, float | None]]:
     """Per-record scores: the strict protocol's f1/precision/recall, ``answered`` (a valid
     ``<answer>`` block), ``reward`` (weighted total) and ``reward/<name>`` of each reward."""
-    from ..answers import DISEASES, answer_set
-    from ..plugins import get_catalog
-    from .evaluation import per_record
-
     out = {k: v for k, v in per_record(records, rewards).items() if not k.startswith("named/")}
     ids = [r["id"] for r in records]
     out["answered"] = {i: float(answer_set(r["prediction"], vocabulary=DISEASES) is not None)
@@ -71,9 +74,6 @@ def score_records(records: Sequence[dict[str, Any]], rewards: Sequence[Any]) -> 
 
 
 def _row(records: Sequence[dict[str, Any]], modalities: Sequence[str], rewards: Sequence[Any]) -> dict[str, Any]:
-    from ..metrics.clinical import clinical_efficacy
-    from .evaluation import mean_rewards
-
     ce = clinical_efficacy([r["prediction"] for r in records], [r["reference"] for r in records])
     return {"modalities": list(modalities), "n": ce["n"], "f1": ce["f1"], "precision": ce["precision"],
             "recall": ce["recall"], "answer_rate": ce["answer_rate"],
@@ -101,9 +101,6 @@ def evaluate_subsets(model: Any, processor: Any, dataset: Any, eval_cfg: Any, *,
     evidence table ``evidence_diseases`` (those whose evidence modalities are all given), ``evidence_f1``
     and ``evidence_f1_all`` (their mean F1 in this row and with every modality).
     """
-    from ..stats import MIN_RECORDS, summarize_ablation
-    from .evaluation import generate_reports
-
     names = list(dataset.modality_names)
     full = [r for r in full_records]
     rows: dict[str, dict[str, Any]] = {ALL: _row(full, names, rewards)}
@@ -201,8 +198,6 @@ def plot_subsets(out: Path, res: Mapping[str, Any], stage: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import save_figure
-
     rows = res["rows"]
     names = list(rows)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.6))
@@ -263,8 +258,6 @@ def aggregate_subsets(per_seed: Mapping[int, Mapping[str, Any]]) -> list[str]:
 def subsets_of_config(model: Any, processor: Any, dataset: Any, cfg: Any, *, full_records: Sequence[dict[str, Any]],
                       data_root: Path | None, progress: bool = True) -> dict[str, Any] | None:
     """:func:`evaluate_subsets` as ``cfg.eval.modality_subsets`` asks (None when it is off)."""
-    from ..config import expand_subsets
-
     spec = cfg.eval.modality_subsets
     if not spec:
         return None
@@ -272,13 +265,9 @@ def subsets_of_config(model: Any, processor: Any, dataset: Any, cfg: Any, *, ful
     try:
         subsets = expand_subsets(list(spec), names)
     except ValueError as exc:
-        from ..errors import ConfigError
-
         raise ConfigError(str(exc)) from None
     evidence, source = evidence_of(cfg.eval.evidence, data_root, names)
     if cfg.eval.modalities is not None:  # the run's own reports lack some modalities: "all" is generated here
-        from .evaluation import generate_reports
-
         e = cfg.eval
         full_records = generate_reports(model, processor, dataset, batch_size=e.batch_size,
                                         max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, limit=e.limit,

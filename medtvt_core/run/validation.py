@@ -28,8 +28,13 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
-from ..io import atomic_dir
-from .alarm import validations
+from ..answers import answer_set
+from ..io import atomic_dir, save_figure
+from ..metrics.clinical import clinical_efficacy, per_record_scores
+from ..model.serialization import load_weights
+from ..plugins import get_catalog
+from .alarm import alarms_over_training, reward_hacking_alarm, validations
+from .evaluation import generate_reports, sampled_rewards
 
 log = logging.getLogger("medtvt.validation")
 
@@ -66,11 +71,6 @@ def validate(model: Any, processor: Any, dataset: Any, *, rewards: Sequence[Any]
              batch_size: int, samples: int, temperature: float, top_p: float, seed: int, step: int) -> dict[str, Any]:
     """One validation entry (see the module doc); every process must call it (collective)."""
     from accelerate import PartialState
-
-    from ..answers import answer_set
-    from ..metrics.clinical import clinical_efficacy, per_record_scores
-    from ..plugins import get_catalog
-    from .evaluation import generate_reports, sampled_rewards
 
     import time
 
@@ -231,8 +231,6 @@ def make_callback(run: Any, stage: str, sdir: Path) -> list[Any]:
     """The stage's :class:`ValidationCallback` for a :class:`~medtvt_core.run.orchestrator.Run`
     (none when ``<stage>.eval_steps`` is 0)."""
 
-    from .alarm import reward_hacking_alarm
-
     cfg = run.cfg
     scfg, v = getattr(cfg, stage), cfg.validation
     if not scfg.eval_steps:
@@ -273,8 +271,6 @@ def keep_best(run: Any, stage: str, sdir: Path, history: Sequence[dict[str, Any]
     and the best validation's weights are loaded into ``run.model`` (which the caller saves as
     ``final`` and evaluates)."""
 
-    from ..model.serialization import load_weights
-
     metric = getattr(run.cfg, stage).metric_for_best_model
     best = best_validation(history, metric) if metric else None
     if best is None:
@@ -295,8 +291,6 @@ def keep_best(run: Any, stage: str, sdir: Path, history: Sequence[dict[str, Any]
 
 def run_summary(run: Any) -> dict[str, Any]:
     """``metrics.json["validation"]``: per validated stage the split, steps, chosen step and alarms."""
-    from .alarm import alarms_over_training, reward_hacking_alarm
-
     cfg, v = run.cfg, run.cfg.validation
     out: dict[str, Any] = {}
     for stage in cfg.stages:
@@ -365,8 +359,6 @@ def _plot_validation(out: Path, stage: str, hist: Sequence[dict[str, Any]], vals
     ax2.set_ylabel("held-out F1", color="tab:red")
     ax.set_title(f"{stage.upper()}: training {key} and held-out F1")
     fig.tight_layout()
-    from ..io import save_figure
-
     name = f"validation_{stage}.png"
     save_figure(fig, out / name)
     plt.close(fig)
