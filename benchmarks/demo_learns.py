@@ -44,11 +44,6 @@ def seed_dirs(root: Path) -> dict[int, Path]:
     return found
 
 
-def _rows(subsets: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    rows = subsets["rows"]
-    return dict(rows) if isinstance(rows, list) else rows
-
-
 def summarize(run: Path) -> dict[str, Any]:
     """The numbers of one seed's run."""
     m = json.loads((run / "metrics.json").read_text())
@@ -68,7 +63,7 @@ def summarize(run: Path) -> dict[str, Any]:
     if st[last].get("subsets"):
         out["subsets"] = {name: {"f1": r["f1"], "format": r["reward"].get("format"),
                                  "evidence_f1": r.get("evidence_f1"), "evidence_f1_all": r.get("evidence_f1_all")}
-                          for name, r in _rows(st[last]["subsets"]).items()}
+                          for name, r in st[last]["subsets"]["rows"].items()}
     return out
 
 

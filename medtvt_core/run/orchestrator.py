@@ -182,8 +182,7 @@ class Run:
                 raise ConfigError(f"data.rft_holdout={cfg.data.rft_holdout} leaves {len(sft_recs)} SFT and "
                                   f"{len(rft_recs)} RFT record(s); both need some")
             if carve and v.source == "rft_prompts":
-                val_ids = {r.id for r in self._carve_validation(rft_recs)}
-                rft_recs = [r for r in rft_recs if r.id not in val_ids]
+                rft_recs = self._carve_validation(rft_recs)
             self.holdout_ids = {r.id for r in rft_recs}
         if "rft" in cfg.stages:  # a layout the processes cannot share fails now, not after PT and SFT
             check_rft_layout(cfg.rft, world_size=self.dist.num_processes,
@@ -191,17 +190,18 @@ class Run:
         self.barrier()
 
     def _carve_validation(self, pool: list[Any]) -> list[Any]:
-        """Moves ``validation.fraction`` of ``pool`` (training records) to ``splits["val"]``."""
+        """Moves ``validation.fraction`` of ``pool`` (training records) to ``splits["val"]``; returns the
+        rest of ``pool``."""
         fraction = self.cfg.validation.fraction
         rest, val = carve_validation(pool, fraction, self.cfg.seed)
         if not val or not rest:
-            raise ConfigError(f"validation.fraction={fraction} leaves {len(rest)} and {len(val)} validation "
-                              f"record(s) of the {len(pool)} it is carved from (validation.source="
-                              f"{self.cfg.validation.source}); both need some")
+            raise ConfigError(f"validation.fraction={fraction} (validation.source={self.cfg.validation.source}) "
+                              f"splits the {len(pool)} records it is carved from into {len(rest)} for training and "
+                              f"{len(val)} for validation; both need some")
         ids = {r.id for r in val}
         self.splits["val"] = self.splits["train"].subset(val)
         self.splits["train"] = self.splits["train"].subset([r for r in self.splits["train"].records if r.id not in ids])
-        return val
+        return rest
 
     def stage_split(self, stage: str) -> Any:
         """The training records of ``stage``: PT's files; the disease-level split for SFT and RFT, less
