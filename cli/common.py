@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from medtvt_core.build import validate_run
+from medtvt_core.config import resolve_config
 from medtvt_core.errors import MedtvtError
 
 
@@ -66,9 +68,6 @@ def resolve_from_cli(*, preset=None, config_file=None, fusion=None, modalities=N
                      output_dir=None, sets=(), default_preset=None, validate: bool = True):
     """The run configuration of the command line; ``validate``: check its plugins here (commands that
     hand it to a ``Run`` pass False: the run validates it, once, before any work)."""
-    from medtvt_core.build import validate_run
-    from medtvt_core.config import resolve_config
-
     if not preset and not config_file:
         preset = default_preset
     cfg = resolve_config(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities,

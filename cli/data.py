@@ -7,8 +7,10 @@ from typing import Any
 import click
 import yaml
 
-from medtvt_core.data.synth.options import SynthConfig
-from medtvt_core.errors import ConfigError
+from medtvt_core.data.check import check_dataset
+from medtvt_core.data.synth import synthesize
+from medtvt_core.data.synth.options import SynthConfig, parse_joint_diseases
+from medtvt_core.errors import ConfigError, DataError
 
 from .common import _Group
 
@@ -28,9 +30,6 @@ def _default(field: str) -> object:
 
 
 def _joint_diseases(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    from medtvt_core.data.synth.options import parse_joint_diseases
-    from medtvt_core.errors import DataError
-
     try:
         return parse_joint_diseases(value)
     except DataError as exc:
@@ -47,6 +46,10 @@ def _joint_diseases(ctx: click.Context, param: click.Parameter, value: str) -> t
               type=click.FloatRange(_limit("test_fraction", "gt"), _limit("test_fraction", "lt"), min_open=True,
                                     max_open=True),
               help="Fraction of patients in the test split (patient-disjoint).")
+@click.option("--val-patients", default=_default("val_patients"), show_default=True,
+              type=click.IntRange(min=_limit("val_patients", "ge")),
+              help="Patients of a validation split (qa/disease_val.json), added after the others: the train and "
+                   "test splits do not change.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synthetic cohort in --out.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Writer processes (0: by CPU count); the files do not depend on it.")
@@ -61,15 +64,16 @@ def _joint_diseases(ctx: click.Context, param: click.Parameter, value: str) -> t
               type=click.FloatRange(_limit("decoy_rate", "gt"), _limit("decoy_rate", "le"), min_open=True),
               help="For each joint disease and each of its two signs: share of eligible patients without the "
                    "disease that show that sign alone, with another cause in its report.")
-def synth_cmd(out: str, n_patients: int, seed: int, test_fraction: float, overwrite: bool, workers: int,
-              evidence: float, joint_diseases: tuple[str, ...], decoy_rate: float) -> None:
+def synth_cmd(out: str, n_patients: int, seed: int, test_fraction: float, val_patients: int, overwrite: bool,
+              workers: int, evidence: float, joint_diseases: tuple[str, ...], decoy_rate: float) -> None:
     """Write a synthetic cohort with learnable signal in the real on-disk formats."""
-    from medtvt_core.data.synth import synthesize
-
-    s = synthesize(out, n_patients=n_patients, seed=seed, test_fraction=test_fraction, overwrite=overwrite,
-                   workers=workers, evidence=evidence, joint_diseases=joint_diseases, decoy_rate=decoy_rate)
+    s = synthesize(out, n_patients=n_patients, seed=seed, test_fraction=test_fraction, val_patients=val_patients,
+                   overwrite=overwrite, workers=workers, evidence=evidence, joint_diseases=joint_diseases,
+                   decoy_rate=decoy_rate)
     prev = ", ".join(f"{d} {n}" for d, n in s.prevalence.items())
-    click.echo(f"wrote {s.n_patients} patients ({s.n_train} train, {s.n_test} test) to {s.root} in {s.seconds:.1f} s")
+    val = f", {s.n_val} validation" if s.n_val else ""
+    click.echo(f"wrote {s.n_patients + s.n_val} patients ({s.n_train} train, {s.n_test} test{val}) to {s.root} in "
+               f"{s.seconds:.1f} s")
     click.echo(f"prevalence: {prev}")
     if s.joint_diseases:
         dec = "; ".join(f"{d} ({', '.join(f'{m} {n}' for m, n in by.items())})" for d, by in s.decoys.items())
@@ -95,8 +99,6 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
               help="Reader option, e.g. ecg.nan_policy=interpolate (repeatable).")
 def check_cmd(root: str, modalities: str, qa_files: tuple[str, ...], options: tuple[str, ...]) -> None:
     """Validate schema, paths, readability, shapes, NaNs and labels; exit 2 if anything is bad."""
-    from medtvt_core.data.check import check_dataset
-
     names = [m.strip() for m in modalities.split(",") if m.strip()]
     rep = check_dataset(root, modalities=names, options=_parse_options(options), qa_files=list(qa_files) or None)
     for p in rep.problems:

@@ -6,11 +6,19 @@ Every user-input problem (unknown plugin, bad config value, broken file) ends in
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
-
+import warnings
+from pathlib import Path
 
 import click
+
+from medtvt_core.config import dump_config, preset_names
+from medtvt_core.plugin_calls import describe
+from medtvt_core.plugins import get_catalog
+from medtvt_core.scaffold import new_plugin
+from medtvt_core.testing.checks import check_plugin
 
 from .common import _Group, config_options, resolve_from_cli
 
@@ -39,8 +47,6 @@ def plugins() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins_list(kind: str | None, as_json: bool) -> None:
     """List registered plugins by kind, with the distribution that ships each."""
-    from medtvt_core.plugins import get_catalog
-
     cat = get_catalog()
     data = cat.as_dict()
     if kind:
@@ -69,12 +75,6 @@ def plugins_check(kind: str, name: str) -> None:
 
     The checks are the kit's (medtvt_core.testing, docs/plugins.md); warnings (e.g. a slow import)
     do not fail. A plugin that failed to import is an error with its cause."""
-    import warnings
-
-    from medtvt_core.plugin_calls import describe
-    from medtvt_core.plugins import get_catalog
-    from medtvt_core.testing.checks import check_plugin
-
     spec = get_catalog()[kind].spec(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,10 +97,6 @@ def plugins_check(kind: str, name: str) -> None:
 def plugins_new(kind: str, name: str, out: str | None) -> None:
     """Write a ready plugin distribution: pyproject.toml with the entry point, the plugin module and a
     contract test. Then: pip install -e DIR; pytest DIR; medtvt run --preset demo (see its README.md)."""
-    from pathlib import Path
-
-    from medtvt_core.scaffold import new_plugin
-
     d = new_plugin(kind, name, Path(out) if out else None)
     click.echo(f"wrote {d} (pip install -e {d}, then pytest {d}; usage in {d / 'README.md'})")
 
@@ -116,8 +112,6 @@ def config() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
 def config_show(preset, config_file, fusion, modalities, rewards, stages, output_dir, sets, as_json) -> None:
     """Print the resolved configuration (preset < file < flags < --set)."""
-    from medtvt_core.config import dump_config
-
     cfg = resolve_from_cli(preset=preset, config_file=config_file, fusion=fusion, modalities=modalities, rewards=rewards,
                            stages=stages, output_dir=output_dir, sets=sets, default_preset="demo")
     click.echo(cfg.model_dump_json(indent=2) if as_json else dump_config(cfg), )
@@ -126,16 +120,12 @@ def config_show(preset, config_file, fusion, modalities, rewards, stages, output
 @config.command("presets")
 def config_presets() -> None:
     """List the shipped presets."""
-    from medtvt_core.config import preset_names
-
     for n in preset_names():
         click.echo(n)
 
 
 def _add_optional_commands() -> None:
     """Attach command groups that live in their own modules (data, run, eval, ...)."""
-    import importlib
-
     for module, attr in (("medtvt_cli.data", "data_group"), ("medtvt_cli.run", "COMMANDS")):
         try:
             mod = importlib.import_module(module)

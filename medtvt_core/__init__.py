@@ -30,8 +30,6 @@ def _initialising(skip: str = "") -> bool:
 def _register() -> None:
     # medtvt_core.model registers the classes when its import completes.
     if "medtvt_core.model" not in sys.modules:
-        import importlib
-
         importlib.import_module("medtvt_core.model")
 
 

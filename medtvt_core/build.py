@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from .checkpoints import sha256_file
 from .config import format_validation_error
 from .errors import CheckpointError, ConfigError
-from .plugins import get_catalog
+from .plugins import Catalog, get_catalog
 
 __all__ = ["plugin_class", "validated_options", "build_readers", "build_encoder", "build_fusion",
            "build_llm_plugin", "validate_run", "required_weights", "check_weight_reference", "FUSION_SEED_OFFSET"]
@@ -37,17 +37,17 @@ __all__ = ["plugin_class", "validated_options", "build_readers", "build_encoder"
 FUSION_SEED_OFFSET = 7919
 
 
-def _catalog(catalog: Any) -> Any:
+def _catalog(catalog: Catalog | None) -> Catalog:
     return get_catalog() if catalog is None else catalog
 
 
-def plugin_class(kind: str, name: str, catalog: Any = None) -> tuple[Any, type[BaseModel] | None]:
+def plugin_class(kind: str, name: str, catalog: Catalog | None = None) -> tuple[Any, type[BaseModel] | None]:
     """``(registered object, its config model or None)``; an unknown name lists the available ones."""
     spec = _catalog(catalog)[kind].spec(name)
     return spec.obj, spec.config or getattr(spec.obj, "config_class", None)
 
 
-def validated_options(kind: str, name: str, options: Mapping[str, Any] | None, where: str, catalog: Any = None,
+def validated_options(kind: str, name: str, options: Mapping[str, Any] | None, where: str, catalog: Catalog | None = None,
                       *, defaults: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Plugin object and its validated keyword arguments.
 
@@ -71,7 +71,7 @@ def validated_options(kind: str, name: str, options: Mapping[str, Any] | None, w
 
 
 # --------------------------------------------------------------------------- parts
-def build_readers(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None, catalog: Any = None,
+def build_readers(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None, catalog: Catalog | None = None,
                   *, plugin_names: Mapping[str, str] | None = None, where: str = "data.modality_options") -> dict[str, Any]:
     """Modality readers ``names`` (registry names, unless ``plugin_names`` maps them) with their options."""
     options = dict(options or {})
@@ -93,7 +93,7 @@ def _check_reads(cls: Any, name: str, modality: str) -> None:
         raise ConfigError(f"encoders.{modality}: encoder {name!r} reads modality {reads!r}, not {modality!r}")
 
 
-def build_encoder(modality: str, ref: Mapping[str, Any], tokens_per_modality: int, catalog: Any = None) -> Any:
+def build_encoder(modality: str, ref: Mapping[str, Any], tokens_per_modality: int, catalog: Catalog | None = None) -> Any:
     """The encoder of ``modality`` (``{"name", "options"}``), backbone frozen."""
     where = f"encoders.{modality}"
     cls, opts = validated_options("encoders", ref["name"], ref.get("options"), where, catalog,
@@ -108,7 +108,7 @@ def build_encoder(modality: str, ref: Mapping[str, Any], tokens_per_modality: in
     return enc
 
 
-def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: int | None, catalog: Any = None, *,
+def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: int | None, catalog: Catalog | None = None, *,
                  modality_names: Sequence[str] | None = None) -> Any:
     """The fusion layer, initialised from ``seed + FUSION_SEED_OFFSET`` (``None``: the global RNG).
 
@@ -127,13 +127,13 @@ def build_fusion(ref: Mapping[str, Any], dim: int, num_modalities: int, seed: in
         return cls(dim, num_modalities, **opts)
 
 
-def build_llm_plugin(ref: Mapping[str, Any], catalog: Any = None) -> Any:
+def build_llm_plugin(ref: Mapping[str, Any], catalog: Catalog | None = None) -> Any:
     cls, opts = validated_options("llms", ref["name"], ref.get("options"), "llm", catalog)
     return cls(**opts)
 
 
 # --------------------------------------------------------------------------- runs
-def validate_run(cfg: Any, catalog: Any = None) -> None:
+def validate_run(cfg: Any, catalog: Catalog | None = None) -> None:
     """Every plugin of ``cfg`` exists and its options fit its config model (nothing is built)."""
     catalog = _catalog(catalog)
     for m in dict.fromkeys([*cfg.modalities, *cfg.data.modality_options]):
@@ -148,7 +148,7 @@ def validate_run(cfg: Any, catalog: Any = None) -> None:
         catalog.rewards.spec(r.name)
 
 
-def required_weights(cfg: Any, catalog: Any = None) -> None:
+def required_weights(cfg: Any, catalog: Catalog | None = None) -> None:
     """One error naming every part of ``cfg`` whose weights would be a random init, or whose file is missing."""
     missing, absent = [], []
     for m in cfg.modalities:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import pathlib
@@ -261,8 +262,6 @@ _HASHES: dict[tuple[str, int, int], str] = {}
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes, read in 8 MiB chunks; memoised per (path, size, mtime) in this process."""
-    import hashlib
-
     p = Path(path)
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)

@@ -7,17 +7,18 @@ plugin options (``encoders.<modality>.options``, ``fusion.options``, ``llm.optio
 
 from __future__ import annotations
 
+import itertools
 import json
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
 from .data.synth.options import SynthConfig
+from .errors import ConfigError
 from .io import atomic_write_text
 
 STAGES = ("pt", "sft", "rft")
@@ -46,6 +47,9 @@ class DataConfig(_Strict):
                                 description="physiological QA files (relative to root) for PT")
     train_file: str = Field("qa/disease_train.json", description="disease-level QA for SFT/RFT")
     test_file: str = Field("qa/disease_test.json", description="disease-level QA for evaluation")
+    val_file: str | None = Field(None, description="disease-level QA of a validation split no stage trains on, used "
+                                                   "by validation.source=file (the synthetic cohort writes "
+                                                   "qa/disease_val.json with data.synth.val_patients)")
     rft_holdout: float = Field(
         0.0, ge=0, lt=1, description="share of the disease-level training records kept out of SFT and used as "
                                      "RFT's prompts (0: SFT and RFT both use every record, as the reference)")
@@ -185,11 +189,14 @@ class ValidationConfig(_Strict):
 
     fraction: float = Field(0.0, ge=0, lt=1, description="share of the disease-level training records carved out as "
                                                           "the validation split (by a hash of seed and record id; "
-                                                          "no stage trains on them); needed by eval_steps")
-    source: Literal["train", "rft_prompts"] = Field(
-        "train", description="where the split is carved from: train (every disease-level training record, before "
-                             "data.rft_holdout divides the rest) or rft_prompts (only the records data.rft_holdout "
-                             "keeps for RFT, so SFT trains on exactly the records it would without validation)")
+                                                          "no stage trains on them); needed by eval_steps with the sources "
+                                                          "train and rft_prompts")
+    source: Literal["train", "rft_prompts", "file"] = Field(
+        "train", description="where the split comes from: train (validation.fraction of every disease-level training "
+                             "record, before data.rft_holdout divides the rest), rft_prompts (validation.fraction of "
+                             "the records data.rft_holdout keeps for RFT, so SFT trains on exactly the records it "
+                             "would without validation) or file (data.val_file, whole: no stage loses a record; "
+                             "fraction unused)")
     samples: int = Field(2, ge=0, description="sampled completions per validation record (at rft.temperature / "
                                               "top_p) for val_reward_sampled; 0: off")
     max_new_tokens: int | None = Field(None, ge=1, description="generation length (None: eval.max_new_tokens)")
@@ -316,11 +323,14 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _validation_split(self) -> "RunConfig":
+        from_file = self.validation.source == "file"
+        if from_file and not self.data.val_file:
+            raise ValueError("validation.source=file needs data.val_file (a disease-level QA file of the dataset)")
         for s in self.stages:
             sc = getattr(self, s)
-            if sc.eval_steps and not self.validation.fraction:
+            if sc.eval_steps and not (from_file or self.validation.fraction):
                 raise ValueError(f"{s}.eval_steps={sc.eval_steps} needs a validation split: set validation.fraction "
-                                 f"(e.g. 0.1)")
+                                 f"(e.g. 0.1), or validation.source=file with data.val_file")
         if self.validation.source == "rft_prompts" and self.validation.fraction and not self.data.rft_holdout:
             raise ValueError("validation.source=rft_prompts carves the split from RFT's own records: it needs "
                              "data.rft_holdout > 0 (or validation.source=train)")
@@ -371,8 +381,6 @@ class RunConfig(_Strict):
 def expand_subsets(spec: list[str], modalities: list[str], where: str = "eval.modality_subsets") -> list[tuple[str, ...]]:
     """Modality subsets of ``spec`` (``all-singles``, ``all-pairs``, ``ecg+lab``, ...) in run order, each
     non-empty and proper or whole, without repeats; ValueError (one line) otherwise."""
-    import itertools
-
     out: list[tuple[str, ...]] = []
     for item in spec:
         if item in ("all-singles", "all-pairs"):

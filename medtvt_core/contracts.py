@@ -33,6 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from .errors import ConfigError
+
 _SAVED_WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("medtvt_saved_weights_follow", default=False)
 
 
@@ -320,7 +322,5 @@ class LLMBackbone(ABC):
 
     def extra_parameter_names(self, model: nn.Module) -> list[str]:
         """Names of the LM's norms, biases and input embeddings (trained with ``train_extras``)."""
-        from .errors import ConfigError
-
         raise ConfigError(f"LLM plugin {type(self).__name__} does not say which norms/biases/embeddings to train; "
                           f"set pt.train_extras and sft.train_extras to false")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .errors import PluginError
+from .plugins import Catalog, get_catalog
 
 __all__ = ["KIND_NOUN", "DEFAULT_REWARD_RANGE", "EVAL_REWARD_KWARGS", "RFT_REWARD_KWARGS", "dist_version",
            "describe", "find_spec", "reward_range", "call_rewards", "encode_checked", "plugins_in_use"]
@@ -53,11 +54,9 @@ def describe(spec: Any) -> str:
     return f"{noun} {spec.name!r} ({where})"
 
 
-def find_spec(kind: str, obj: Any, name: str | None = None, catalog: Any = None) -> Any:
+def find_spec(kind: str, obj: Any, name: str | None = None, catalog: Catalog | None = None) -> Any:
     """The registry entry of ``obj`` (a reward function, an encoder class or instance), or None."""
     if catalog is None:
-        from .plugins import get_catalog
-
         catalog = get_catalog()
     reg = catalog[kind]
     target = obj if kind == "rewards" or isinstance(obj, type) else type(obj)
@@ -97,7 +96,7 @@ def _failing_record(fn: Callable[..., Any], prompts: list[Any], completions: lis
 
 
 def call_rewards(rewards: Sequence[Any], prompts: list[Any], completions: list[Any], *,
-                 names: Sequence[str] | None = None, catalog: Any = None, dtype: torch.dtype = torch.float32,
+                 names: Sequence[str] | None = None, catalog: Catalog | None = None, dtype: torch.dtype = torch.float32,
                  **kwargs: Any) -> torch.Tensor:
     """Score ``completions`` with each reward (a registry :class:`~medtvt_core.registry.PluginSpec` or a
     callable; a callable whose ``names`` entry is a registered reward is checked as that plugin).
@@ -150,7 +149,7 @@ def call_rewards(rewards: Sequence[Any], prompts: list[Any], completions: list[A
     return out
 
 
-def encode_checked(encoder: Any, x: torch.Tensor, *, refs: Sequence[str] | None = None, catalog: Any = None) -> torch.Tensor:
+def encode_checked(encoder: Any, x: torch.Tensor, *, refs: Sequence[str] | None = None, catalog: Catalog | None = None) -> torch.Tensor:
     """``encoder.encode(x)`` (no grad), checked: ``[B, *feature_shape]``, finite; else one :class:`PluginError`
     naming the encoder and the inputs (``refs``)."""
     def label() -> str:
@@ -178,11 +177,9 @@ def encode_checked(encoder: Any, x: torch.Tensor, *, refs: Sequence[str] | None 
     return out
 
 
-def plugins_in_use(cfg: Any, catalog: Any = None) -> list[dict[str, Any]]:
+def plugins_in_use(cfg: Any, catalog: Catalog | None = None) -> list[dict[str, Any]]:
     """Every plugin a run configuration uses, with its distribution and version (for metrics.json/report.md)."""
     if catalog is None:
-        from .plugins import get_catalog
-
         catalog = get_catalog()
     rows: list[tuple[str, str, str]] = [("modalities", "modality", m) for m in cfg.modalities]
     rows += [("encoders", f"encoder of {m}", cfg.encoders[m].name) for m in cfg.modalities]

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError
+from .plugins import get_catalog
 
 __all__ = ["KINDS", "new_plugin"]
 
@@ -40,8 +41,6 @@ def new_plugin(kind: str, name: str, out: Path | None = None) -> Path:
         raise ConfigError(f"plugins new: name {name!r} must be lowercase letters and digits joined by '-' or '_' "
                           f"(at most 40 characters), e.g. answer-count")
     registry, noun, run = KINDS[kind]
-    from .plugins import get_catalog
-
     cat = get_catalog()  # an installed name would make both plugins fail to load (names are unique per kind)
     for reg, taken in ((registry, name), *((("encoders", f"{name}-mlp"),) if kind == "modality" else ())):
         if taken in cat[reg]:

@@ -110,3 +110,50 @@ def test_one_home_for_atomic_writes():
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("replace", "rename")
             and isinstance(n.func.value, ast.Name) and n.func.value.id == "os"]
     assert hits == []
+
+
+#: Where an import may sit inside a function, and why (issue "One room per concept"): a heavy or optional
+#: third-party package the module's callers do not all need, or a light entry point kept light.
+LAZY_PACKAGES = {
+    # seconds of import or an optional extra; plugin modules do no heavy work at import (docs/plugins.md)
+    "transformers", "accelerate", "trl", "peft", "tokenizers", "quicktok", "torch", "torchvision", "timm",
+    "matplotlib", "scipy", "sklearn", "pandas", "nltk", "rouge_score", "bert_score", "sacrebleu", "safetensors",
+    "wfdb", "soundfile", "PIL", "tensorboard", "gradio", "fastapi", "starlette", "uvicorn",
+}
+#: file (or folder) -> the project modules it may import inside a function
+LAZY_PROJECT = {
+    # the commands' run modules import transformers, peft and TRL (measured: `import medtvt_cli.main` 1.9 s,
+    # the run modules 4.3 s more), which `medtvt --help`, `medtvt config` and `medtvt data` do not need
+    "cli/": ("medtvt_core.run.",),
+    # the evaluate-based metric modules import transformers; the protocols load them on first use
+    "medtvt_core/metrics/__init__.py": (".modules",),
+    # the contracts import torch; the plugin manager is imported by light modules (config, the CLI)
+    "medtvt_core/plugins.py": (".contracts",),
+}
+
+
+def function_level_imports() -> list[tuple[str, int, str]]:
+    """(file, line, module) of every import inside a function in the project's packages."""
+    out = []
+    for f in _modules().values():
+        rel = str(f.relative_to(ROOT))
+        for fn in ast.walk(ast.parse(f.read_text(), rel)):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for n in ast.walk(fn):
+                    if isinstance(n, ast.Import):
+                        out += [(rel, n.lineno, a.name) for a in n.names]
+                    elif isinstance(n, ast.ImportFrom) and n.module is None:  # from . import sub
+                        out += [(rel, n.lineno, "." * n.level + a.name) for a in n.names]
+                    elif isinstance(n, ast.ImportFrom):
+                        out.append((rel, n.lineno, "." * n.level + n.module))
+    return sorted(set(out))
+
+
+def test_imports_inside_functions_only_for_heavy_packages_or_light_entry_points():
+    found = function_level_imports()
+    assert any(m.split(".")[0] == "trl" for _, _, m in found)  # the walk sees them
+    bad = [f"{f}:{line} {m}" for f, line, m in found
+           if m.split(".")[0] not in LAZY_PACKAGES
+           and not any(f.startswith(p) and (m in ok or m.startswith(tuple(x for x in ok if x.endswith("."))))
+                       for p, ok in LAZY_PROJECT.items())]
+    assert bad == []

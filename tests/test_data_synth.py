@@ -333,3 +333,41 @@ def test_synth_command_options(tmp_path):
 
     opts = {p.name: p for p in data_group.commands["synth"].params}
     assert (opts["evidence"].type.max, opts["decoy_rate"].default) == (synth.MAX_EVIDENCE, synth.DEFAULT_DECOY_RATE)
+
+
+def test_validation_patients_leave_the_other_splits_unchanged(small, tmp_path):
+    """``val_patients`` adds a validation split (``qa/disease_val.json``) after the others: every file
+    of the cohort without it is byte-identical (labs.csv: its rows, percentiles fitted on train only),
+    the new patients' ids are new, and none of them has PT records."""
+    root = tmp_path / "v"
+    run = CliRunner().invoke(data_group, ["synth", "--out", str(root), "--n-patients", "8", "--seed", "1",
+                                          "--test-fraction", "0.25", "--val-patients", "5", "--workers", "1"])
+    assert run.exit_code == 0, run.output
+    assert "wrote 13 patients (6 train, 2 test, 5 validation)" in run.output
+    a, b = digest(small), digest(root)
+    changed = {k for k in a if a[k] != b.get(k)}
+    assert changed == {"labs.csv", "medtvt_dataset.json"}
+    assert len(b) - len(a) == 5 * 3 + 1  # 5 ECG (.hea, .dat) and radiographs, the validation QA file
+    old, new = pd.read_csv(small / "labs.csv"), pd.read_csv(root / "labs.csv")
+    pd.testing.assert_frame_equal(new.iloc[:len(old)], old)
+    man, man0 = read_manifest(root), read_manifest(small)
+    assert man["qa"] == {**man0["qa"], "val": "qa/disease_val.json"}
+    assert man["generator"] == {**man0["generator"], "val_patients": 5}
+    assert {k: man["splits"][k] for k in ("train", "test")} == man0["splits"]
+    val = man["splits"]["val"]
+    ids = set(man0["splits"]["train"]) | set(man0["splits"]["test"])
+    assert len(set(val)) == 5 and not set(val) & ids and set(new["subject_id"][len(old):]) == set(val)
+    assert not set(new["hadm_id"][len(old):]) & set(old["hadm_id"])
+    recs, problems = read_qa_file(root / "qa" / "disease_val.json", MODS)
+    assert not problems and [int(r.id.split("-")[0]) for r in recs] == val
+    assert all(FORMAT.match(r.answer) for r in recs)
+    # a validation patient's lab percentiles: the training split's empirical CDF (restated), not refitted
+    train_rows = new[new["subject_id"].isin(man0["splits"]["train"])]
+    for item in list(SYMILE_LABS)[:10]:
+        ref = np.sort(train_rows[item].dropna().to_numpy())
+        for x, pct in zip(new[item][len(old):], new[f"{item}_percentile"][len(old):]):
+            if not np.isnan(x):
+                assert pct == pytest.approx(np.searchsorted(ref, x, side="right") / ref.size, abs=1e-4)
+    check = CliRunner().invoke(data_group, ["check", "--root", str(root)])
+    assert check.exit_code == 0, check.output
+    assert "checked 6 QA file(s), 31 record(s)" in check.output, check.output  # 3 x 6 PT, 6 train, 2 test, 5 val

@@ -365,3 +365,44 @@ def test_grpo_raises_the_reward_of_a_small_task(cohort, tmp_path):
     first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
     assert len(r) == 24 and 0.3 < first < 0.7, r
     assert last - first >= 0.3, (first, last, r)  # measured here: 0.51 -> 1.00
+
+
+def test_the_trainers_reward_scores_are_the_evaluations():
+    """RFT scores completions the way evaluation does (one function, plugin_calls.call_rewards): the
+    orchestrator's reward list through the trainer's path (compute_rewards with RFT's keyword arguments,
+    then weighted_rewards) and evaluation's reward_values give the same numbers on the same completions,
+    an undefined reward included."""
+    from medtvt_core.config import RewardRef
+    from medtvt_core.plugins import get_catalog
+    from medtvt_core.run.evaluation import _reward_columns, reward_values
+    from medtvt_core.training.grpo.math import compute_rewards, weighted_rewards
+
+    catalog = get_catalog()
+    refs = [RewardRef(name="format", weight=1.0), RewardRef(name="jaccard", weight=0.5)]
+    answer = "<think> ECG: sinus 72 bpm. </think><answer>Hypertension, Sepsis</answer>"
+    completions = [
+        answer,                                                                     # exact
+        "<think> fast. </think><answer>Sepsis, Pneumonia</answer>",                  # partial
+        "<think> no answer block </think>",                                          # malformed
+        "<answer>Hypertension</answer>",                                             # no reasoning
+        "",                                                                          # empty
+        "<think> a </think><answer>Hypertension, Sepsis</answer><answer>x</answer>",  # two blocks
+    ]
+    n = len(completions)
+    prompts = ["Which diseases?"] * n
+    answers = [answer] * (n - 1) + [None]  # no ground truth: Jaccard undefined (None)
+    records = [{"prompt": p, "prediction": c, "reference": a, "id": f"r{i}"}
+               for i, (p, c, a) in enumerate(zip(prompts, completions, answers))]
+    funcs = [catalog.rewards.get(r.name) for r in refs]  # what Run._run_rft hands the trainer
+    rpf = compute_rewards(funcs, prompts, completions, [r.name for r in refs], answer=answers,
+                          ids=[r["id"] for r in records], completion_ids=[[1, 2]] * n, trainer_state=None)
+    trained = weighted_rewards(rpf, [r.weight for r in refs])
+    cols = _reward_columns(records, refs, catalog)
+    for j in range(len(refs)):
+        assert [None if v != v else v for v in rpf[:, j].tolist()] == \
+            [None if v is None else float(torch.tensor(v, dtype=torch.float32)) for v in cols[j]]
+    evaluated = reward_values(records, refs, catalog)
+    assert len(set(rpf[:, 0].tolist())) > 1 and len(set(rpf[:-1, 1].tolist())) > 1  # the cases differ
+    assert cols[1][-1] is None and math.isnan(rpf[-1, 1]) and evaluated[-1] == trained[-1].item() == rpf[-1, 0]
+    for t, e in zip(trained.tolist(), evaluated):
+        assert (e is None and t != t) or t == pytest.approx(e, abs=1e-6)

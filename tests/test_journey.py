@@ -58,24 +58,23 @@ def test_eval_reproduces_the_runs_numbers(demo):
     assert again["by_protocol"]["reference"] == want["by_protocol"]["reference"]
 
 
-def test_the_demo_validates_rft_on_its_own_prompts(demo):
-    """The preset's validation (docs: README "Watching a stage"): a split of RFT's prompts, validated at
-    the stage's first and last step, the curve in report.md, the step kept and its F1 in metrics.json."""
-    import hashlib
-
+def test_the_demo_validates_rft_on_the_cohorts_validation_patients(demo):
+    """The preset's validation (docs: README "Watching a stage"): the cohort's own validation split,
+    validated at the stage's first and last step, the curve in report.md, the step kept and its F1 in
+    metrics.json; no stage trains on a validation patient."""
     m = json.loads((demo / "metrics.json").read_text())["validation"]["rft"]
     hist = json.loads((demo / "history.json").read_text())["rft"]
     vals = [h for h in hist if "val_f1" in h]
     assert m["steps"] == [h["step"] for h in vals] == [0, 4]
     assert m["chosen"] == {"step": 4, "val_f1": vals[-1]["val_f1"],
                            "why": "no metric_for_best_model: the last step's model is kept"}
-    assert m["split"]["source"] == "rft_prompts" and m["split"]["fraction"] == 0.2
-    # the rule restated: RFT's records are those whose sha256('holdout:<id>') < 0.5 (data.rft_holdout);
-    # the split is those of them whose sha256('validation:0:<id>') < 0.2; no test record is in it
-    u = lambda t: int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64  # noqa: E731
-    train = [r["id"] for r in json.loads((demo / "data" / "qa" / "disease_train.json").read_text())]
-    want = [i for i in train if u(f"holdout:{i}") < 0.5 and u(f"validation:0:{i}") < 0.2]
-    assert m["split"]["n_records"] == vals[0]["val_n"] == len(want) > 10
+    assert m["split"]["source"] == "file" and m["split"]["file"] == "qa/disease_val.json"
+    qa = demo / "data" / "qa"
+    val = [r["id"] for r in json.loads((qa / "disease_val.json").read_text())]
+    assert m["split"]["n_records"] == vals[0]["val_n"] == len(val) == 24
+    subjects = {r["id"].split("-")[0] for f in qa.glob("*.json") if f.name != "disease_val.json"
+                for r in json.loads(f.read_text())}
+    assert len(subjects) == 240 and not subjects & {i.split("-")[0] for i in val}
     assert m["alarm"]["raised"] is not True
     report = (demo / "report.md").read_text()
     assert "## Validation during RFT" in report and "![validation rft](validation_rft.png)" in report

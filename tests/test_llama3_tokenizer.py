@@ -151,7 +151,7 @@ def test_a_tokenizer_lacking_the_answer_end_token_is_refused(cohort, tmp_path):
 
     r = medtvt("run", "--preset", "demo", "--out", tmp_path / "run", "--set", f"data.root={cohort}",
                "--set", "prompt.answer_end_token=<|end_of_text|>", "--set", "llm.options.pretrain_steps=5",
-               "--set", "encoders.lab.options.variant=tiny")
+               "--set", "encoders.lab.options.variant=tiny", "--set", "rft.eval_steps=0")  # the cohort has no val split
     one_line_error(r, "prompt.answer_end_token", "'<|end_of_text|>' is not a token", "'</s>'")
     assert "[pt]" not in r.stdout and not (tmp_path / "run" / "pt").exists()
 

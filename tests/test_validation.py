@@ -252,3 +252,40 @@ def test_validation_from_rft_prompts_leaves_sfts_records_alone(tmp_path, tiny_co
     with pytest.raises(ConfigError, match="needs data.rft_holdout > 0"):
         resolve_config(config_file=tiny_config, sets=["validation.fraction=0.3", "validation.source=rft_prompts",
                                                       "rft.eval_steps=1", "data.rft_holdout=0"])
+
+
+def test_validation_from_the_datasets_own_split_costs_no_stage_a_record(tmp_path, tiny_config):
+    """``validation.source: file`` (the demo's): the split is ``data.val_file`` whole, here the synthetic
+    cohort's validation patients; SFT and RFT train on exactly the records of a run without validation."""
+    from medtvt_core.config import resolve_config
+    from medtvt_core.data.synth import synthesize
+    from medtvt_core.errors import ConfigError
+    from medtvt_core.run.orchestrator import Run
+
+    root = tmp_path / "cohort"
+    synthesize(root, n_patients=24, seed=0, val_patients=6, workers=1)
+
+    def splits(*sets: str) -> Run:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        cfg = resolve_config(config_file=tiny_config, sets=["stages=[sft,rft]", "data.rft_holdout=0.5",
+                                                            f"data.root={root}", f"output_dir={out}", *sets])
+        run = Run(cfg, progress=False, echo=lambda s: None)
+        run.setup()
+        return run
+
+    ids = lambda ds: [r.id for r in ds.records]  # noqa: E731
+    plain = splits()
+    assert "val" not in plain.splits
+    run = splits("validation.source=file", "data.val_file=qa/disease_val.json", "rft.eval_steps=1")
+    for stage in ("sft", "rft"):
+        assert ids(run.stage_split(stage)) == ids(plain.stage_split(stage))
+    val = json.loads((root / "qa" / "disease_val.json").read_text())
+    assert ids(run.splits["val"]) == [r["id"] for r in val] and len(val) == 6
+    assert not set(ids(run.splits["val"])) & {r.id for s in ("train", "test") for r in run.splits[s].records}
+    with pytest.raises(ConfigError, match=r"data.val_file 'qa/none.json' \(validation.source=file\) does not exist "
+                                          r"under .*cohort; .* or set rft.eval_steps=0"):
+        splits("validation.source=file", "data.val_file=qa/none.json", "rft.eval_steps=1")
+    with pytest.raises(ConfigError, match="validation.source=file needs data.val_file"):
+        resolve_config(config_file=tiny_config, sets=["validation.source=file", "data.val_file=null"])
+    with pytest.raises(ConfigError, match="eval_steps=1 needs a validation split"):
+        resolve_config(config_file=tiny_config, sets=["validation.fraction=0", "rft.eval_steps=1"])

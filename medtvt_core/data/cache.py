@@ -28,7 +28,7 @@ import torch
 from ..contracts import Encoder, ModalityReader
 from ..errors import DataError
 from ..io import atomic_path
-
+from ..plugin_calls import encode_checked
 
 log = logging.getLogger("medtvt.data")
 
@@ -45,8 +45,6 @@ def encode_frozen(encoder: Encoder, x: torch.Tensor, refs: Sequence[str] | None 
 
     Checked by :func:`medtvt_core.plugin_calls.encode_checked`: an encoder that raises or returns other
     than ``feature_shape`` is an error naming it (and ``refs``, the inputs), not a broken cache entry."""
-    from ..plugin_calls import encode_checked
-
     was_training = encoder.training
     encoder.eval()
     try:

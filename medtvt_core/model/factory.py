@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..build import build_llm_plugin, build_readers
 from ..errors import ConfigError
-from ..plugins import get_catalog
+from ..plugins import Catalog, get_catalog
 from .configuration import MedTVTConfig
 from .modeling import MedTVTForConditionalGeneration
 from .processing import MedTVTProcessor
@@ -16,7 +16,7 @@ from .processing import MedTVTProcessor
 __all__ = ["new_model"]
 
 
-def new_model(cfg: Any, catalog: Any = None, *, corpus: Callable[[], Sequence[str]] | None = None,
+def new_model(cfg: Any, catalog: Catalog | None = None, *, corpus: Callable[[], Sequence[str]] | None = None,
               default_question: str | None = None, readers: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
     """A fresh ``(MedTVTForConditionalGeneration, MedTVTProcessor)`` for run config ``cfg``.
 

@@ -27,6 +27,8 @@ from transformers.utils import ModelOutput
 from ..build import build_encoder, build_fusion, build_llm_plugin
 from ..contracts import IdentityFusion
 from ..errors import ConfigError, DataError
+from ..plugin_calls import encode_checked
+from ..plugins import Catalog
 from .configuration import MedTVTConfig
 from .projector import DenseProjector, FeatureStandardizer
 from .serialization import load_model, save_model
@@ -105,7 +107,7 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
     the fusion layer (``None``: the global RNG).  Load a saved model with :meth:`from_pretrained`.
     """
 
-    def __init__(self, config: MedTVTConfig, *, catalog: Any = None, seed: int | None = None):
+    def __init__(self, config: MedTVTConfig, *, catalog: Catalog | None = None, seed: int | None = None):
         super().__init__(config)
         missing = [m for m in config.modalities
                    if m not in config.encoders or m not in config.placeholder_token_ids]
@@ -154,7 +156,7 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 
-    def replace_fusion(self, fusion: Mapping[str, Any], seed: int | None, catalog: Any = None) -> None:
+    def replace_fusion(self, fusion: Mapping[str, Any], seed: int | None, catalog: Catalog | None = None) -> None:
         """Build a new fusion layer ``{"name", "options"}`` in place of the current one (an ablation
         variant that reuses another variant's PT stage, which never ran the fusion)."""
         self.fusion = build_fusion(fusion, self.hidden_size, len(self.modalities), seed, catalog,
@@ -170,8 +172,6 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         if features is None:
             if inputs is None:
                 raise DataError(f"modality {name!r}: neither inputs nor features given")
-            from ..plugin_calls import encode_checked
-
             features = encode_checked(enc, inputs)  # an encoder's failure names it (one line)
         else:
             want = tuple(enc.feature_shape)
@@ -365,7 +365,7 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
             save_model(self, save_directory, state_dict=state_dict)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, catalog: Any = None,
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, catalog: Catalog | None = None,
                         device_map: Any = None, dtype: Any = None, **kwargs: Any) -> "MedTVTForConditionalGeneration":
         """Load a saved model directory (local only): plugins from ``catalog`` (default: installed),
         referenced weight files checked, every saved tensor loaded strictly.  ``device_map``: a

@@ -36,6 +36,7 @@ import torch
 from ..build import build_readers
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_write_text
+from ..plugins import Catalog
 
 __all__ = ["MedTVTProcessor", "PLAIN_TEMPLATE", "IGNORE_INDEX", "PROCESSOR_CONFIG", "FIXED_CHAT_DATE",
            "subset_modalities", "pad_sequences"]
@@ -229,7 +230,7 @@ class MedTVTProcessor:
         atomic_write_text(d / PROCESSOR_CONFIG, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], *, catalog: Any = None) -> "MedTVTProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike[str], *, catalog: Catalog | None = None) -> "MedTVTProcessor":
         """The processor saved in ``directory``; its readers come from the installed plugins."""
         from transformers import AutoTokenizer
 

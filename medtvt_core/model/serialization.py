@@ -24,11 +24,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..contracts import building_saved_model
 from ..build import check_weight_reference
 from ..checkpoints import load_state_file, save_safetensors, sha256_file
+from ..contracts import building_saved_model
 from ..errors import CheckpointError
 from ..io import atomic_write_text
+from ..plugins import Catalog
 from .configuration import FORMAT_VERSION, MedTVTConfig
 from .stages import freeze
 
@@ -146,7 +147,7 @@ def load_weights(model: Any, directory: str | os.PathLike[str], *, exclude: Sequ
     model.load_state_dict(got, strict=False)
 
 
-def load_model(model_class: type, directory: str | os.PathLike[str], *, catalog: Any = None, device: Any = None,
+def load_model(model_class: type, directory: str | os.PathLike[str], *, catalog: Catalog | None = None, device: Any = None,
                dtype: torch.dtype | None = None) -> Any:
     """The ``model_class`` model saved in ``directory`` (see the module docstring), on ``device``."""
     d = Path(directory)

@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..build import validate_run
+from ..data.labels import DISEASES
+from ..data.manifest import read_manifest
+from ..data.synth import ensure_synthetic
 from ..errors import ConfigError
 from ..io import atomic_write_text, write_json
+from ..stats import ablation_markdown, noise_sentences, summarize_ablation, write_ablation
 from .evaluation import per_record
+from .orchestrator import Run
+from .subsets import aggregate_subsets
 
 __all__ = ["parse_grid", "variant_name", "run_grid", "PER_RECORD_METRICS", "PAPER_TABLES"]
 
@@ -59,10 +65,6 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     several ablations can share them.
     """
     from accelerate import PartialState
-
-    from ..data.synth import ensure_synthetic
-    from ..stats import noise_sentences, summarize_ablation, write_ablation
-    from .orchestrator import Run
 
     state = PartialState()  # several processes (accelerate launch / torchrun): the main one writes
     store = Path(store) if store is not None else out
@@ -117,8 +119,6 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
             last = cfg.stages[-1]
             scores.setdefault(name, {})[cfg.seed] = by_stage[name][last][cfg.seed]
             metrics.setdefault(name, {})[cfg.seed] = res[last]
-    from ..data.labels import DISEASES
-
     present = {m for v in scores.values() for sc in v.values() for m in sc}
     metrics_ = [m for m in (*PER_RECORD_METRICS, "reward_sampled", *(f"named/{d}" for d in DISEASES)) if m in present]
     summary = summarize_ablation(scores, metrics=metrics_, primary="f1", bootstrap=bootstrap)
@@ -147,8 +147,6 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
                   "`reward_sampled`: mean reward of sampled reports (what GRPO maximises); `named/<disease>`: share of "
                   "test records holding the disease whose greedy report names it.", ""]
         lines += [f"- {s}" for s in noise_sentences(summary, metrics=extra_metrics)]
-    from ..data.manifest import read_manifest
-
     man = read_manifest(store / "data") if (store / "data").is_dir() else None
     if man and man.get("evidence"):
         lines += ["", "## Where the cohort puts each disease's evidence", "", "| disease | modalities | joint |",
@@ -168,8 +166,6 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
     for name, per_seed in metrics.items():  # eval.modality_subsets: the subset table over seeds
         subs = {s: m["subsets"] for s, m in per_seed.items() if m.get("subsets")}
         if subs:
-            from .subsets import aggregate_subsets
-
             lines += ["", f"Variant `{name}`:", ""] + aggregate_subsets(subs)
     lines += ["", f"Tables: [{md_path.name}]({md_path.name}), [{csv_path.name}]({csv_path.name}).", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
@@ -182,8 +178,6 @@ def _stage_comparison(by_stage: dict[str, dict[str, dict[int, dict[str, dict[str
                       bootstrap: bool) -> tuple[str, dict[str, list[str]]] | None:
     """``stages.md`` (last stage vs the one before it, per variant) and the report's sentences; None when
     no variant ran two stages."""
-    from ..stats import ablation_markdown, noise_sentences, summarize_ablation
-
     md, sentences = [], {}
     for name, stages in by_stage.items():
         if len(stages) < 2:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..stats import summarize_ablation
 
 MIN_RECORDS = 5  # a percentile bootstrap over fewer records has too few distinct resamples to mean much
 
@@ -39,8 +40,6 @@ def reward_hacking_alarm(history: Sequence[dict[str, Any]], *, stage: str, metri
     """The verdict on the last ``window`` validations of ``history`` (module doc): a dict with
     ``raised`` (bool or None when no verdict), ``message`` (one paragraph, numbers included) and the
     numbers themselves."""
-    from ..stats import summarize_ablation
-
     vals = validations(history)
     key = "reward" if any("reward" in h and "val_f1" not in h for h in history) else "loss"
     what = "training reward" if key == "reward" else "training loss"

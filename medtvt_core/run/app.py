@@ -26,12 +26,25 @@ import socket
 import sys
 import tempfile
 import threading
+import webbrowser
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, MedtvtError
-from .uploads import (_plt, attribution_figure, choose_input, example_patients, gates_figure, image_figure, public_message,
-                      signal_figure, stage_files, table_of_row, write_table_row)
+from .diagnose import diagnose_json, load_model_dir, patient_batch
+from .uploads import (
+    _plt,
+    attribution_figure,
+    choose_input,
+    example_patients,
+    gates_figure,
+    image_figure,
+    public_message,
+    signal_figure,
+    stage_files,
+    table_of_row,
+    write_table_row,
+)
 
 __all__ = ["AppInputError", "Diagnoser", "serve", "API_PATH"]
 
@@ -53,8 +66,6 @@ class Diagnoser:
 
     def __init__(self, model_dir: Path, *, run_dir: Path | None = None, samples: int = 8,
                  max_new_tokens: int | None = None):
-        from .diagnose import load_model_dir
-
         self.model_dir = Path(model_dir)
         self.model, self.processor = load_model_dir(self.model_dir)
         self.modalities: list[str] = list(self.model.modalities)
@@ -84,8 +95,6 @@ class Diagnoser:
             progress: Callable[[float, str], None] | None = None, figures: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(diagnose --json object, figures)`` of one patient. ``uploads``: modality -> ``(name, path)``;
         ``tables``: modality -> ``(file name, [[column, value], ...])`` used instead of that modality's file."""
-        from .diagnose import diagnose_json, patient_batch
-
         unknown = sorted(set(uploads) - set(self.modalities))
         if unknown:
             raise AppInputError(f"{unknown[0]}: the model has no such modality (modalities: {', '.join(self.modalities)})")
@@ -397,8 +406,6 @@ def serve(model_dir: Path, *, run_dir: Path | None = None, host: str = "127.0.0.
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     echo(f"medtvt app: {svc.model_dir} on {url} (API: POST {url.rstrip('/')}{API_PATH}); Ctrl-C stops it")
     if open_browser:
-        import webbrowser
-
         threading.Timer(1.5, webbrowser.open, (url,)).start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python so atexit removes the cache
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

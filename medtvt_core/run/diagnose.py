@@ -13,8 +13,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..answers import answer_set
+from ..data.dataset import absent_text
 from ..errors import ConfigError, DataError
 from ..model.generation import generate_reports
+from ..model.modeling import MedTVTForConditionalGeneration
+from ..model.processing import MedTVTProcessor
+from ..model.serialization import is_saved_model
+from ..plugins import Catalog
+from .attribution import patient_attribution
 from .layout import FINAL
 
 __all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "diagnose_json", "patient_batch", "missing_notice"]
@@ -25,8 +32,6 @@ Progress = Callable[[float, str], None]
 
 def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
     """``<run>/<stage>/final`` (default: the last stage of the run that completed)."""
-    from ..model.serialization import is_saved_model
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: not a medtvt run directory (no config.yaml)")
@@ -45,11 +50,8 @@ def model_dir_of_run(run_dir: Path, stage: str | None = None) -> Path:
     raise ConfigError(f"--run {run_dir}: {want} has no completed model ({run_dir / (stage or '<stage>') / FINAL})")
 
 
-def load_model_dir(model_dir: Path, *, device: str | None = None, catalog: Any = None) -> tuple[Any, Any]:
+def load_model_dir(model_dir: Path, *, device: str | None = None, catalog: Catalog | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` saved in ``model_dir``, in eval mode."""
-    from ..model.modeling import MedTVTForConditionalGeneration
-    from ..model.processing import MedTVTProcessor
-
     model = MedTVTForConditionalGeneration.from_pretrained(model_dir, catalog=catalog, device_map=device)
     processor = MedTVTProcessor.from_pretrained(model_dir, catalog=catalog)
     model.eval()
@@ -60,8 +62,6 @@ def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Ma
                   question: str | None = None) -> dict[str, Any]:
     """The batch of one patient: ``inputs`` maps modality -> (value, extra options) as given on the
     command line; absent modalities are masked and their placeholders replaced by text."""
-    from ..data.dataset import absent_text
-
     unknown = [m for m in inputs if m not in model.modalities]
     if unknown:
         raise ConfigError(f"--{unknown[0]}: the model has no {unknown[0]} modality "
@@ -116,8 +116,6 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     ``notice`` is one line when a modality is absent and the model never trained with one missing
     (no modality dropout saved in its config), else None.
     """
-    from ..answers import answer_set
-
     step = progress or (lambda f, d: None)
     step(0.0, "reading the inputs")
     batch = patient_batch(model, processor, inputs, question)
@@ -134,8 +132,6 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
            "modalities_given": [m for m in model.modalities if m in inputs], "question": batch["prompts"][0],
            "notice": missing_notice(model, inputs)}
     if attribution:
-        from .attribution import patient_attribution
-
         done = lambda k, what: step(0.05 + 0.95 * (1 + k) / n_gen, what)  # noqa: E731
         done(0, "sampling reports with every modality")
         out["attribution"] = patient_attribution(model, processor, batch, text, samples=samples, seed=seed,

@@ -7,6 +7,7 @@ the device, the process count and whether deterministic algorithms were on.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from ..io import write_json
+from ..plugins import Catalog
 from ..training.arguments import resolve_device
 
 __all__ = ["environment", "write_environment", "set_deterministic"]
@@ -33,14 +35,12 @@ def _version(name: str) -> str | None:
 
 def set_deterministic(on: bool) -> None:
     """Deterministic algorithms on or off (CUDA also needs ``CUBLAS_WORKSPACE_CONFIG``)."""
-    import os
-
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on)
 
 
-def environment(catalog: Any, *, device: str, world_size: int = 1) -> dict[str, Any]:
+def environment(catalog: Catalog, *, device: str, world_size: int = 1) -> dict[str, Any]:
     dists = sorted({d for d in catalog.plugins.values() if d not in ("?", "<manual>")})
     return {
         "python": sys.version.split()[0],
@@ -57,6 +57,6 @@ def environment(catalog: Any, *, device: str, world_size: int = 1) -> dict[str, 
     }
 
 
-def write_environment(path: Path, cfg: Any, catalog: Any, *, world_size: int = 1) -> None:
+def write_environment(path: Path, cfg: Any, catalog: Catalog, *, world_size: int = 1) -> None:
 
     write_json(path, environment(catalog, device=str(resolve_device(cfg.device)), world_size=world_size))

@@ -25,7 +25,7 @@ from ..metrics.clinical import _per_sample, pred_sets, ref_sets
 from ..model import generation
 from ..model.sampling import SeededRowSampler, row_generators
 from ..plugin_calls import call_rewards
-from ..plugins import get_catalog
+from ..plugins import Catalog, get_catalog
 
 log = logging.getLogger("medtvt.eval")
 
@@ -83,7 +83,7 @@ def weights_by_disease(records: Sequence[dict[str, Any]], diseases: Sequence[str
     return {d: {m: sum(v) / len(v) for m, v in acc[d].items()} for d in diseases if d in acc}
 
 
-def _reward_columns(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any) -> list[list[float | None]]:
+def _reward_columns(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Catalog) -> list[list[float | None]]:
     """Per reward, its value on each record (None: undefined), scored as in RFT (plugin_calls.call_rewards)."""
     if not rewards:
         return []
@@ -93,7 +93,7 @@ def _reward_columns(records: Sequence[dict[str, Any]], rewards: Sequence[Any], c
     return [[None if v != v else v for v in col] for col in scores.t().tolist()]
 
 
-def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> list[float | None]:
+def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Catalog | None = None) -> list[float | None]:
     """Per record, the weighted sum of the rewards (``None`` where every reward is undefined)."""
     if catalog is None:
         catalog = get_catalog()
@@ -105,7 +105,7 @@ def reward_values(records: Sequence[dict[str, Any]], rewards: Sequence[Any], cat
     return out
 
 
-def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Any = None) -> dict[str, float]:
+def mean_rewards(records: Sequence[dict[str, Any]], rewards: Sequence[Any], catalog: Catalog | None = None) -> dict[str, float]:
     """Mean of each configured reward on the reports, and their weighted ``total``."""
     if catalog is None:
         catalog = get_catalog()

@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import ConfigError
 from ..io import atomic_dir
+from ..metrics.display import undefined_reasons
+from ..model.serialization import is_saved_model
+from .diagnose import load_model_dir
 from .layout import FINAL
 
 __all__ = ["export_model", "model_card"]
@@ -27,8 +32,6 @@ def _fmt(v: Any) -> str:
 
 def model_card(run_dir: Path, stage: str, model: Any, *, merged: bool) -> str:
     """``README.md`` of an exported model: data, stages, the run's metrics, intended use, warning."""
-    import yaml
-
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     data = cfg.get("data", {})
@@ -61,8 +64,6 @@ def model_card(run_dir: Path, stage: str, model: Any, *, merged: bool) -> str:
         lines += ["| F1 | precision | recall | AUC | BLEU | ROUGE-L | METEOR | BERTScore |", "|---|---|---|---|---|---|---|---|",
                   f"| {_fmt(ce['f1'])} | {_fmt(ce['precision'])} | {_fmt(ce['recall'])} | {_fmt(ce.get('auc'))} | "
                   f"{_fmt(nlg.get('bleu'))} | {_fmt(nlg.get('rouge'))} | {_fmt(nlg.get('meteor'))} | {_fmt(nlg.get('bertscore'))} |"]
-        from ..metrics.display import undefined_reasons
-
         lines += ["", f"Protocol: `{m.get('protocol', 'strict')}`."]
         lines += [f"- {k}: n/a ({r})" for k, r in undefined_reasons(ce).items()]
         base = metrics.get("baseline")
@@ -82,9 +83,6 @@ def model_card(run_dir: Path, stage: str, model: Any, *, merged: bool) -> str:
 def export_model(run_dir: Path, stage: str, out: Path, *, merge_lora: bool = False) -> Path:
     """Copy ``<run>/<stage>/final`` to ``out`` as a standalone model with a model card; ``merge_lora``
     folds the adapter into the LLM weights (peft ``merge_and_unload``)."""
-    from ..model.serialization import is_saved_model
-    from .diagnose import load_model_dir
-
     run_dir, out = Path(run_dir), Path(out)
     src = run_dir / stage / FINAL
     if not is_saved_model(src):

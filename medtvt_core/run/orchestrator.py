@@ -168,12 +168,20 @@ class Run:
         self.timings["data"] = time.perf_counter() - t0
         seed_everything(cfg.seed)
         self.readers = build_readers(cfg.modalities, cfg.modality_options_in_use, catalog)
+        v = cfg.validation
+        validating = any(getattr(cfg, s).eval_steps for s in cfg.stages)
+        if validating and v.source == "file" and not (self.data_root / cfg.data.val_file).is_file():
+            stage = next(s for s in cfg.stages if getattr(cfg, s).eval_steps)
+            raise ConfigError(f"data.val_file {cfg.data.val_file!r} (validation.source=file) does not exist under "
+                              f"{self.data_root}; give the data set's validation QA file, carve a split from the "
+                              f"training records (validation.source=train, validation.fraction=0.1) or set "
+                              f"{stage}.eval_steps=0")
         self.splits = open_splits(
             self.data_root, modalities=self.readers, pt_files=cfg.data.pt_files if "pt" in cfg.stages else (),
-            train_file=cfg.data.train_file, test_file=cfg.data.test_file, on_bad_sample=cfg.data.on_bad_sample,
-            catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
-        v = cfg.validation
-        carve = bool(v.fraction and "train" in self.splits and any(getattr(cfg, s).eval_steps for s in cfg.stages))
+            train_file=cfg.data.train_file, test_file=cfg.data.test_file,
+            val_file=cfg.data.val_file if validating and v.source == "file" else None,
+            on_bad_sample=cfg.data.on_bad_sample, catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        carve = bool(validating and v.source != "file" and v.fraction and "train" in self.splits)
         if carve and v.source == "train":
             self._carve_validation(self.splits["train"].records)
         if cfg.data.rft_holdout and "train" in self.splits:

@@ -8,6 +8,10 @@ from typing import Any
 
 from ..config import RunConfig
 from ..io import atomic_write_text, save_figure
+from ..metrics.display import undefined_reasons
+from .attribution import gate_sentence
+from .subsets import plot_subsets, subsets_markdown
+from .validation import report_section
 
 
 def _fmt(x: Any) -> str:
@@ -20,8 +24,6 @@ def _fmt(x: Any) -> str:
 
 def _undefined_notes(ces: dict[str, dict[str, Any]], where: str = "") -> list[str]:
     """One line per stage whose clinical-efficacy numbers are n/a, saying why."""
-    from ..metrics.display import undefined_reasons
-
     out = []
     for s, ce in ces.items():
         why = undefined_reasons(ce)
@@ -174,14 +176,10 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
             if sat:
                 lines += ["", sat]
             if stages[last].get("gate_check"):
-                from .attribution import gate_sentence
-
                 lines += ["", gate_sentence(stages[last]["gate_check"])]
             if img:
                 lines += ["", f"![modality attributions]({img})"]
         if stages[last].get("subsets"):
-            from .subsets import plot_subsets, subsets_markdown
-
             lines += [""] + subsets_markdown(stages[last]["subsets"], plot_subsets(out, stages[last]["subsets"], last))
         ref = {s_: m["by_protocol"]["reference"] for s_, m in stages.items() if "reference" in m.get("by_protocol", {})}
         if ref:
@@ -200,8 +198,6 @@ def write_report(out: Path, cfg: RunConfig, summary: dict[str, Any], history: di
     for f in _plot_curves(out, history):
         lines += ["", f"![{f[:-4]}]({f})"]
     if summary.get("validation"):
-        from .validation import report_section
-
         lines += report_section(out, summary, history)
     t = summary.get("timings_s", {})
     if t:

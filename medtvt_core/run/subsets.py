@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from ..answers import DISEASES, answer_set
 from ..config import expand_subsets
 from ..data.manifest import read_manifest
@@ -229,8 +231,6 @@ def plot_subsets(out: Path, res: Mapping[str, Any], stage: str) -> str | None:
 def aggregate_subsets(per_seed: Mapping[int, Mapping[str, Any]]) -> list[str]:
     """Markdown: per subset, mean ± std over seeds of F1, answer rate, format-like rewards and the
     evidence F1 against the same diseases with every modality (``run --seeds`` / ``ablate``)."""
-    import numpy as np
-
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
     rnames = [k for k in next(iter(first["rows"].values()))["reward"] if k != "total"]

@@ -10,6 +10,7 @@ the HTTP API and the page share this module.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -17,6 +18,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+import yaml
+
+from ..data.schema import normalise_ref
 from ..errors import DataError
 
 __all__ = ["MAX_UNZIPPED_BYTES", "stage_files", "choose_input", "public_message", "table_of_row",
@@ -122,8 +127,6 @@ def table_of_row(reader: Any, path: Path, key: str | None) -> tuple[list[str], l
     text exactly as stored, after the reader has validated the file (its errors are raised)."""
     import pandas as pd
 
-    from ..data.schema import normalise_ref
-
     col = _key_column(reader)
     if col is None:
         raise DataError(f"{reader.name}: the reader has no key column; no table to show")
@@ -139,8 +142,6 @@ def table_of_row(reader: Any, path: Path, key: str | None) -> tuple[list[str], l
 
 def write_table_row(reader: Any, header: Sequence[str], rows: Sequence[Sequence[Any]], path: Path) -> str:
     """Write an edited ``[[column, value], ...]`` table as a one-row CSV; return its key."""
-    import csv
-
     col = _key_column(reader)
     got = [str(r[0]) for r in rows]
     if list(header) and got != list(header):
@@ -166,8 +167,6 @@ def example_patients(run_dir: Path | None, model: Any, processor: Any, n: int = 
     """
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         return []
-    import yaml
-
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
     data = cfg.get("data") or {}
     root = Path(data["root"]) if data.get("root") else Path(run_dir) / "data"
@@ -212,8 +211,6 @@ def signal_figure(x: Any, names: Sequence[str] | None, fs: float | None, title: 
     """The channels of a ``[channels, time]`` sample stacked in one panel, in their own units, each
     shifted by one fixed offset (the ECG as the encoder receives it). One axes, not one per lead:
     twelve subplots took ten times as long to draw and encode."""
-    import numpy as np
-
     plt = _plt()
     x = x.detach().cpu().float().numpy()
     c, t = x.shape

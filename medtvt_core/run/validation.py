@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +33,7 @@ from ..answers import answer_set
 from ..io import atomic_dir, save_figure
 from ..metrics.clinical import clinical_efficacy, per_record_scores
 from ..model.serialization import load_weights
-from ..plugins import get_catalog
+from ..plugins import Catalog, get_catalog
 from .alarm import alarms_over_training, reward_hacking_alarm, validations
 from .evaluation import generate_reports, sampled_rewards
 
@@ -53,7 +54,7 @@ def carve_validation(records: Sequence[Any], fraction: float, seed: int) -> tupl
 
 
 def _reward_columns(prompts: list[str], preds: list[str], refs: list[str], rewards: Sequence[Any],
-                    catalog: Any) -> dict[str, list[float | None]]:
+                    catalog: Catalog) -> dict[str, list[float | None]]:
     cols = {}
     for rr in rewards:
         vals = list(catalog.rewards.get(rr.name)(prompts=prompts, completions=preds, answer=refs))
@@ -71,8 +72,6 @@ def validate(model: Any, processor: Any, dataset: Any, *, rewards: Sequence[Any]
              batch_size: int, samples: int, temperature: float, top_p: float, seed: int, step: int) -> dict[str, Any]:
     """One validation entry (see the module doc); every process must call it (collective)."""
     from accelerate import PartialState
-
-    import time
 
     cat = get_catalog()
     state = PartialState()
@@ -197,15 +196,20 @@ _HOW = {
     "rft_prompts": "of the disease-level training records data.rft_holdout keeps for RFT (never in SFT), those whose "
                    "sha256('validation:<seed>:<record id>') falls below the fraction, removed from RFT's prompts; "
                    "no stage trains on them; the test split is not used",
+    "file": "every record of data.val_file, a split of the dataset no stage trains on (the synthetic cohort's "
+            "validation patients: data.synth.val_patients); the test split is not used",
 }
 
 
 def validation_summary(history: Sequence[dict[str, Any]], metric: str | None, *, n: int, fraction: float,
-                       seed: int, source: str = "train") -> dict[str, Any]:
-    """``metrics.json``'s account of a stage's validation: the split, the steps and the chosen one."""
+                       seed: int, source: str = "train", file: str | None = None) -> dict[str, Any]:
+    """``metrics.json``'s account of a stage's validation: the split, the steps and the chosen one
+    (``file``: the split's QA file, source ``file``; ``fraction`` is then not recorded)."""
     vals = validations(history)
+    split: dict[str, Any] = ({"n_records": n, "file": file} if source == "file" else
+                             {"n_records": n, "fraction": fraction, "seed": seed})
     out: dict[str, Any] = {
-        "split": {"n_records": n, "fraction": fraction, "seed": seed, "source": source, "how": _HOW[source]},
+        "split": {**split, "source": source, "how": _HOW[source]},
         "steps": [h["step"] for h in vals],
         "val_f1": [h.get("val_f1") for h in vals],
     }
@@ -300,7 +304,7 @@ def run_summary(run: Any) -> dict[str, Any]:
         kw = dict(stage=stage, metric=v.alarm_metric, window=v.alarm_window, confidence_level=v.confidence_level,
                   n_resamples=v.n_resamples, seed=cfg.seed)
         s = validation_summary(hist, getattr(cfg, stage).metric_for_best_model, n=len(run.splits["val"]),
-                               fraction=v.fraction, seed=cfg.seed, source=v.source)
+                               fraction=v.fraction, seed=cfg.seed, source=v.source, file=cfg.data.val_file)
         s["alarm"] = reward_hacking_alarm(hist, **kw)
         s["alarms_during_training"] = alarms_over_training(hist, **kw)
         out[stage] = s
@@ -320,8 +324,11 @@ def report_section(out: Path, summary: dict[str, Any], history: dict[str, list[d
         if not vals:
             continue
         split = s["split"]
-        lines += ["", f"## Validation during {stage.upper()} ({split['n_records']} held-out training records)", "",
-                  f"Validation split: {split['how']} (fraction {split['fraction']}, seed {split['seed']}).", "",
+        held = "records of the dataset's validation split" if split["source"] == "file" else "held-out training records"
+        whence = (f"file {split['file']}" if split["source"] == "file"
+                  else f"fraction {split['fraction']}, seed {split['seed']}")
+        lines += ["", f"## Validation during {stage.upper()} ({split['n_records']} {held})", "",
+                  f"Validation split: {split['how']} ({whence}).", "",
                   "| step | F1 | answer rate | reward (greedy) | reward (sampled) |", "|---|---|---|---|---|"]
         for h in vals:
             lines.append(f"| {h['step']} | {_fmt(h.get('val_f1'))} | {_fmt(h.get('val_answer_rate'))} | "

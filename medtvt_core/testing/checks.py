@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from ..contracts import Encoder, Fusion, LLMBackbone, ModalityReader
 from ..errors import PluginError
+from ..plugin_calls import call_rewards, describe, encode_checked
 from ..registry import PluginSpec
 
 Check = Callable[[PluginSpec[Any]], list[str]]
@@ -81,8 +82,6 @@ def _build(spec: PluginSpec[Any], *args: Any, options: dict[str, Any] | None = N
 def plugin_import(spec: PluginSpec[Any]) -> list[str]:
     """Warn (not fail) when the plugin's entry point took longer than IMPORT_WARN_S to import."""
     if spec.import_s is not None and spec.import_s > IMPORT_WARN_S:
-        from ..plugin_calls import describe
-
         warnings.warn(PluginImportTimeWarning(
             f"{describe(spec)}: its module {spec.plugin!r} took {spec.import_s:.2f} s to import (bound "
             f"{IMPORT_WARN_S} s); every medtvt command imports it: move heavy work (weights, data, big imports) "
@@ -194,8 +193,6 @@ def _encoder_shapes(spec: PluginSpec[Any], label: str, opts: dict[str, Any], bat
         if one.shape == feats[:1].shape and not torch.allclose(one, feats[:1], atol=1e-4, rtol=1e-4):
             out.append(f"{spec.name}: encode() of a sample depends on the other samples of the batch")
         # The check the feature cache makes on every batch (plugin_calls.encode_checked).
-        from ..plugin_calls import encode_checked
-
         try:
             encode_checked(enc, x)
         except PluginError as err:
@@ -317,8 +314,6 @@ def reward_values(spec: PluginSpec[Any]) -> list[str]:
     """Edge-case and ordinary completions, scored as evaluation and as RFT score them (the same
     function and keyword arguments: plugin_calls.call_rewards); values finite and in the declared range."""
     from transformers import TrainerState
-
-    from ..plugin_calls import call_rewards
 
     answer = "<think> irregular rhythm </think><answer> Atrial Fibrillation </answer>"
     completions = [

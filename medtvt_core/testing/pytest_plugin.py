@@ -19,6 +19,9 @@ from typing import Any, Callable
 
 import pytest
 
+from medtvt_core.plugins import build_catalog, get_catalog
+from medtvt_core.testing.checks import CHECKS, check_plugin
+
 
 def pytest_addoption(parser: Any) -> None:
     group = parser.getgroup("medtvt")
@@ -28,15 +31,11 @@ def pytest_addoption(parser: Any) -> None:
 
 @pytest.fixture(scope="session")
 def medtvt_catalog():
-    from medtvt_core.plugins import get_catalog
-
     return get_catalog()
 
 
 @pytest.fixture
 def medtvt_contract(medtvt_catalog) -> Callable[[str, str], list[str]]:
-    from medtvt_core.testing.checks import check_plugin
-
     def run(kind: str, name: str) -> list[str]:
         return check_plugin(medtvt_catalog[kind].spec(name))
 
@@ -45,8 +44,6 @@ def medtvt_contract(medtvt_catalog) -> Callable[[str, str], list[str]]:
 
 @pytest.fixture
 def medtvt_isolated_catalog():
-    from medtvt_core.plugins import build_catalog
-
     def make(*modules: Any):
         return build_catalog(modules, autoload=False)
 
@@ -59,9 +56,6 @@ class _ContractItem(pytest.Item):
         self.kind, self.plugin, self.check = kind, plugin, check
 
     def runtest(self) -> None:
-        from medtvt_core.plugins import get_catalog
-        from medtvt_core.testing.checks import check_plugin
-
         problems = check_plugin(get_catalog()[self.kind].spec(self.plugin), only=self.check)
         if problems:
             raise AssertionError("\n".join(problems))
@@ -75,8 +69,6 @@ class _ContractItem(pytest.Item):
 
 class _ContractCollector(pytest.Collector):
     def collect(self):
-        from medtvt_core.testing.checks import CHECKS
-
         for target in self.config.getoption("--medtvt-plugin"):
             kind, _, name = target.partition(":")
             if kind not in CHECKS or not name:

@@ -16,10 +16,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..checkpoints import step_checkpoints
-from .arguments import training_arguments
-from ..model.processing import subset_modalities
-from ..model.serialization import is_saved_model
 from ..config import StageConfig
+from ..model.processing import subset_modalities
+from ..model.serialization import is_saved_model, load_weights
+from .arguments import training_arguments
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"  # written last into a Trainer checkpoint
@@ -35,8 +35,6 @@ class MedTVTTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from ..model.serialization import load_weights
-
         load_weights(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
 
 

@@ -20,6 +20,7 @@ the reference also trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -30,6 +31,8 @@ from pydantic import Field, field_validator, model_validator
 from medtvt_core import hookimpl
 from medtvt_core.contracts import LLMBackbone, PluginConfig
 from medtvt_core.errors import CheckpointError, ConfigError
+
+from .llama3_tokenizer import NEEDS, build_llama3_tokenizer, quicktok_available
 
 __all__ = [
     "LlamaLoraConfig", "LlamaLoraBackbone", "VARIANTS", "REASONING_TAGS",
@@ -105,8 +108,6 @@ class LlamaLoraConfig(PluginConfig):
         # Checked with the options (before any work): the random 1B base has LLaMA-3's vocabulary,
         # whose tokenizer is built from quicktok when no model directory provides it.
         if self.model_path is None and self.variant == "llama-3.2-1b":
-            from .llama3_tokenizer import NEEDS, quicktok_available
-
             if not quicktok_available():
                 raise ValueError(f"variant 'llama-3.2-1b' without model_path needs LLaMA-3's tokenizer: {NEEDS}")
         return self
@@ -203,8 +204,6 @@ def pretrain_base(model: Any, tok: Any, texts: Sequence[str], *, steps: int, lr:
     and make the base depend on their number; here every process computes the same base (seeded
     batches, same arithmetic), as a checkpoint read from disk would be the same on every process.
     """
-    import contextlib
-
     import torch
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
@@ -310,8 +309,6 @@ class LlamaLoraBackbone(LLMBackbone):
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"tokenizer in {src} cannot be loaded: {exc}".replace("\n", " ")) from None
         elif self.config.variant == "llama-3.2-1b":
-            from .llama3_tokenizer import build_llama3_tokenizer
-
             tok = build_llama3_tokenizer()
         else:
             if corpus is None:

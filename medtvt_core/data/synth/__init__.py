@@ -12,6 +12,7 @@ Layout of ``out``::
                                             reader's resize to 400 never upscales)
     qa/pt_ecg.json qa/pt_cxr.json qa/pt_lab.json        physiological QA, one modality each (train patients)
     qa/disease_train.json qa/disease_test.json          disease QA, all three modalities (patient-disjoint)
+    qa/disease_val.json                                 only with val_patients: a validation split's disease QA
 
 Evidence at the default strength (large on purpose: the demo's frozen encoders are randomly initialised):
 
@@ -92,7 +93,8 @@ _HOME = {
     "parse_joint_diseases": "options",
     "CXR_DIR": "patients", "ECG_DIR": "patients", "EVIDENCE_MODALITIES": "patients", "LAB_IDS": "patients",
     "LABS_CSV": "patients", "PT_FILES": "patients", "SYNTH_VERSION": "patients", "TEST_FILE": "patients",
-    "TRAIN_FILE": "patients", "Patient": "patients", "evidence_table": "patients", "make_patients": "patients",
+    "TRAIN_FILE": "patients", "VAL_FILE": "patients", "Patient": "patients", "evidence_table": "patients",
+    "make_patients": "patients", "make_val_patients": "patients",
 }
 __all__ = sorted(_HOME)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,28 @@ from ..schema import write_qa_file
 from .cxr import cxr_answer, cxr_findings, render_cxr, write_cxr
 from .ecg import ecg_answer, ecg_findings, render_ecg, write_ecg
 from .labs import lab_answer, sample_labs
-from .patients import assign_decoys, CXR_DIR, ECG_DIR, evidence_table, LAB_IDS, _LAB_PARAMS, LABS_CSV, make_patients, Patient, PT_FILES, _SIGNS, _signs_of, SYNTH_VERSION, TEST_FILE, TRAIN_FILE
 from .options import synth_options
-from .reports import disease_answer, _Q_CXR, _Q_DISEASE, _Q_ECG, _Q_LAB, _qa
+from .patients import (
+    _LAB_PARAMS,
+    _SIGNS,
+    CXR_DIR,
+    ECG_DIR,
+    LAB_IDS,
+    LABS_CSV,
+    PT_FILES,
+    SYNTH_VERSION,
+    TEST_FILE,
+    TRAIN_FILE,
+    VAL_FILE,
+    Patient,
+    _signs_of,
+    assign_decoys,
+    evidence_table,
+    make_patients,
+    make_val_patients,
+)
+from .reports import _Q_CXR, _Q_DISEASE, _Q_ECG, _Q_LAB, _qa, disease_answer
+
 
 # --------------------------------------------------------------------------- cohort
 @dataclass
@@ -35,6 +56,7 @@ class SynthSummary:
     seconds: float
     joint_diseases: tuple[str, ...] = ()
     decoys: dict[str, dict[str, int]] = field(default_factory=dict)  # joint disease -> modality -> decoy patients
+    n_val: int = 0
 
 
 def _render_patient(job: tuple[Path, int, Patient, float]) -> Patient:
@@ -55,8 +77,11 @@ def generator_options(**options: Any) -> dict[str, Any]:
     """The ``generator`` block of the manifest for these options (validated by :class:`SynthConfig`;
     a bad one raises :class:`DataError`)."""
     o = synth_options(**options)
-    return {"version": SYNTH_VERSION, "n_patients": o.n_patients, "seed": o.seed, "test_fraction": o.test_fraction,
-            "evidence": o.evidence, "joint_diseases": list(o.joint_diseases), "decoy_rate": o.decoy_rate}
+    gen = {"version": SYNTH_VERSION, "n_patients": o.n_patients, "seed": o.seed, "test_fraction": o.test_fraction,
+           "evidence": o.evidence, "joint_diseases": list(o.joint_diseases), "decoy_rate": o.decoy_rate}
+    if o.val_patients:  # only then: a cohort without a validation split keeps its manifest byte for byte
+        gen["val_patients"] = o.val_patients
+    return gen
 
 
 def synthesize(out: str | Path, *, overwrite: bool = False, workers: int = 0, **options: Any) -> SynthSummary:
@@ -65,7 +90,9 @@ def synthesize(out: str | Path, *, overwrite: bool = False, workers: int = 0, **
     ``workers``: processes writing patients (0: up to 8, by CPU count); the output does not depend on it.
     ``options``: :class:`~medtvt_core.data.synth.options.SynthConfig`'s fields (``n_patients``, ``seed``,
     ``test_fraction``, ``evidence``, ``joint_diseases`` as names, a comma string or ``"all"``,
-    ``decoy_rate``); their defaults write the original cohort.
+    ``decoy_rate``, ``val_patients``); their defaults write the original cohort.  Validation patients
+    come after the others from streams of their own: every other file, QA record and lab percentile
+    is the same with or without them (percentiles are fitted on the training split only).
 
     The cohort is written to a temporary sibling directory and renamed into place, so ``out``
     never holds a half-written cohort.  An existing non-empty ``out`` is replaced only with
@@ -84,6 +111,7 @@ def synthesize(out: str | Path, *, overwrite: bool = False, workers: int = 0, **
             raise DataError(f"{out} is not a medtvt dataset (no {MANIFEST_NAME}); refusing to delete it")
     with atomic_dir(out) as tmp:
         patients = make_patients(n_patients, seed, test_fraction)
+        patients += make_val_patients(gen.get("val_patients", 0), seed, patients)
         if joint:
             for p in patients:
                 assign_decoys(p, seed, joint, decoy_rate)
@@ -95,9 +123,6 @@ def synthesize(out: str | Path, *, overwrite: bool = False, workers: int = 0, **
         else:
             # wfdb.wrsamp costs tens of ms per record (pandas lookups): write records in parallel.
             # Each patient has its own seed, so the files do not depend on the worker count.
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 patients = list(pool.map(_render_patient, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
@@ -106,24 +131,26 @@ def synthesize(out: str | Path, *, overwrite: bool = False, workers: int = 0, **
         _write_qa(tmp, patients, seed, check_signs=not default_cohort)
         train = [p for p in patients if p.split == "train"]
         test = [p for p in patients if p.split == "test"]
+        val = [p for p in patients if p.split == "val"]
         prevalence = {d: sum(d in p.diseases for p in patients) for d in DISEASES}
         decoys = {d: {_SIGNS[k][1]: sum(k in p.decoys for p in patients) for k in _signs_of(d)} for d in joint}
         write_manifest(tmp, {
             "name": "medtvt-synthetic",
             "generator": gen,
-            "qa": {"pt": list(PT_FILES), "train": TRAIN_FILE, "test": TEST_FILE},
+            "qa": {"pt": list(PT_FILES), "train": TRAIN_FILE, "test": TEST_FILE, **({"val": VAL_FILE} if val else {})},
             "files": {"labs_csv": LABS_CSV, "ecg_dir": ECG_DIR, "cxr_dir": CXR_DIR},
-            "splits": {"train": [p.subject_id for p in train], "test": [p.subject_id for p in test]},
+            "splits": {"train": [p.subject_id for p in train], "test": [p.subject_id for p in test],
+                       **({"val": [p.subject_id for p in val]} if val else {})},
             "prevalence": {"all": prevalence,
-                           "train": {d: sum(d in p.diseases for p in train) for d in DISEASES},
-                           "test": {d: sum(d in p.diseases for p in test) for d in DISEASES}},
+                           **{k: {d: sum(d in p.diseases for p in ps) for d in DISEASES}
+                              for k, ps in (("train", train), ("test", test), ("val", val)) if ps}},
             "evidence": evidence_table(joint),
             "decoys": decoys,
         })
         # The readers' training statistics (lab mean percentiles) are fitted by prepare_stats when a run
         # first opens the splits, and stored in this manifest then.
     secs = time.perf_counter() - t0
-    return SynthSummary(out, n_patients, len(train), len(test), prevalence, secs, joint, decoys)
+    return SynthSummary(out, n_patients, len(train), len(test), prevalence, secs, joint, decoys, len(val))
 
 
 def ensure_synthetic(out: str | Path, *, workers: int = 0, **options: Any) -> Path:
@@ -185,16 +212,19 @@ def _write_labs_csv(path: Path, patients: list[Patient]) -> None:
 
 def _write_qa(root: Path, patients: list[Patient], seed: int, *, check_signs: bool = False) -> None:
     rng = np.random.default_rng([seed, 2])
-    pt_ecg, pt_cxr, pt_lab, dis_train, dis_test = [], [], [], [], []
+    pt_ecg, pt_cxr, pt_lab = [], [], []
+    dis: dict[str, list[dict[str, Any]]] = {"train": [], "test": [], "val": []}
     for p in patients:
         lab_ref = str(p.hadm_id)
         q = _Q_DISEASE[int(rng.integers(len(_Q_DISEASE)))]
         rec = _qa(f"{p.subject_id}-disease", q, disease_answer(p, check_signs=check_signs), ECG=p.ecg_ref, image=p.cxr_ref, lab=lab_ref)
-        (dis_test if p.split == "test" else dis_train).append(rec)
+        dis[p.split].append(rec)
         if p.split != "train":
-            continue  # physiological QA only for training patients: test patients stay unseen
+            continue  # physiological QA only for training patients: test and validation patients stay unseen
         pt_ecg.append(_qa(f"{p.subject_id}-ecg", _Q_ECG[int(rng.integers(3))], ecg_answer(p.ecg, p.ecg["measured"], p.decoys), ECG=p.ecg_ref))
         pt_cxr.append(_qa(f"{p.subject_id}-cxr", _Q_CXR[int(rng.integers(3))], cxr_answer(p.cxr, p.decoys), image=p.cxr_ref))
         pt_lab.append(_qa(f"{p.subject_id}-lab", _Q_LAB[int(rng.integers(3))], lab_answer(p.labs, causes=p.decoys), lab=lab_ref))
-    for name, recs in zip((*PT_FILES, TRAIN_FILE, TEST_FILE), (pt_ecg, pt_cxr, pt_lab, dis_train, dis_test)):
+    for name, recs in zip((*PT_FILES, TRAIN_FILE, TEST_FILE), (pt_ecg, pt_cxr, pt_lab, dis["train"], dis["test"])):
         write_qa_file(root / name, recs)
+    if dis["val"]:
+        write_qa_file(root / VAL_FILE, dis["val"])

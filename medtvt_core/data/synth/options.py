@@ -61,6 +61,9 @@ class SynthConfig(BaseModel):
         default_factory=list, description="diseases whose evidence needs two modalities together (each sign alone "
                                           "also occurs, with another cause): names among Hypertension, Pneumonia, "
                                           "Sepsis, or ['all']; [] = none")
+    val_patients: int = Field(0, ge=0, description="patients of a validation split (qa/disease_val.json), written "
+                                                   "after the n_patients from streams of their own, so the train and "
+                                                   "test splits are the same with or without them; no QA for PT")
     decoy_rate: float = Field(DEFAULT_DECOY_RATE, gt=0, le=0.5,
                               description="share of patients without a joint disease who show one of its signs alone")
 

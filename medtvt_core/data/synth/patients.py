@@ -22,6 +22,7 @@ CXR_SIZE = (416, 448)  # width, height
 PT_FILES = ("qa/pt_ecg.json", "qa/pt_cxr.json", "qa/pt_lab.json")
 TRAIN_FILE = "qa/disease_train.json"
 TEST_FILE = "qa/disease_test.json"
+VAL_FILE = "qa/disease_val.json"
 
 CAD, ARF, HTN, AF, PNA, DM, SEPSIS = DISEASES
 
@@ -201,6 +202,22 @@ def make_patients(n: int, seed: int, test_fraction: float) -> list[Patient]:
         patients.append(Patient(i, subjects[i], hadms[i], ecgs[i], cxrs[i], dicom, sample_diseases(rng),
                                 split="test" if i < n_test else "train"))
     return patients
+
+
+def make_val_patients(n: int, seed: int, after: list[Patient]) -> list[Patient]:
+    """``n`` validation patients, indexed after ``after`` and drawn from a stream of their own
+    (seed, 5), so the other patients are the same with or without them; their ids avoid ``after``'s."""
+    rng = np.random.default_rng([seed, 5])
+    taken = [{getattr(p, k) for p in after} for k in ("subject_id", "hadm_id", "ecg_study", "cxr_study")]
+    cols = []
+    for (lo, hi), used in zip(((10_000_000, 20_000_000), (20_000_000, 30_000_000), (40_000_000, 50_000_000),
+                               (50_000_000, 60_000_000)), taken):
+        ids = [x for x in _ids(rng, n + len(used), lo, hi) if x not in used]  # enough left after the collisions
+        cols.append(ids[:n])
+    start = len(after)
+    return [Patient(start + i, cols[0][i], cols[1][i], cols[2][i], cols[3][i],
+                    "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, size=5)), sample_diseases(rng), split="val")
+            for i in range(n)]
 
 
 def _shows(sign: str, diseases: set[str], signs: set[str]) -> bool:

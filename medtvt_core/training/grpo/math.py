@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 
 from ...errors import ConfigError
+from ...plugin_calls import call_rewards
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -80,8 +81,6 @@ def compute_rewards(reward_funcs: Sequence[Callable[..., Sequence[float | None]]
 
     Through :func:`medtvt_core.plugin_calls.call_rewards` (as evaluation and the contract kit): a reward
     that raises or returns a non-finite or out-of-range value is a one-line error naming it."""
-    from ...plugin_calls import call_rewards
-
     return call_rewards(reward_funcs, prompts, completions, names=names, **kwargs)
 
 

@@ -38,12 +38,12 @@ from torch import nn
 from transformers import TrainingArguments
 
 from ...errors import ConfigError, DataError
+from ...model.generation import completion_mask, generate_reports
+from ...model.processing import pad_sequences, subset_modalities
+from ...model.sampling import SeededRowSampler, row_generators
 from ..arguments import training_arguments
 from ..supervised import MedTVTTrainer, last_complete_checkpoint
-from ...model.generation import completion_mask, generate_reports
-from ...model.sampling import SeededRowSampler, row_generators
-from .math import (compute_rewards, group_advantages, grpo_loss, nanstd,
-                   selective_log_softmax, weighted_rewards)
+from .math import compute_rewards, group_advantages, grpo_loss, nanstd, selective_log_softmax, weighted_rewards
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,6 @@ class MedTVTGRPOTrainer(MedTVTTrainer):
 
     @torch.no_grad()
     def _generate_and_score(self, batch: dict[str, Any], ga: int) -> list[dict[str, Any]]:
-        from ...model.processing import pad_sequences, subset_modalities
-
         acc, proc, rft, G = self.accelerator, self.processor_, self.rft, self.num_generations
         device = acc.device
         n = len(batch["ids"])
