@@ -323,17 +323,28 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _validation_split(self) -> "RunConfig":
-        from_file = self.validation.source == "file"
-        if from_file and not self.data.val_file:
+        v, d = self.validation, self.data
+        from_file = v.source == "file"
+        if d.val_file is not None:
+            others = {"data.train_file": d.train_file, "data.test_file": d.test_file,
+                      **{f"data.pt_files[{i}]": f for i, f in enumerate(d.pt_files)}}
+            clash = [k for k, f in others.items() if Path(f) == Path(d.val_file)]
+            if clash:
+                raise ValueError(f"data.val_file={d.val_file} is also {', '.join(clash)}: the validation split "
+                                 f"must be a file no stage trains or is tested on")
+        if from_file and not d.val_file:
             raise ValueError("validation.source=file needs data.val_file (a disease-level QA file of the dataset)")
-        for s in self.stages:
-            sc = getattr(self, s)
-            if sc.eval_steps and not (from_file or self.validation.fraction):
-                raise ValueError(f"{s}.eval_steps={sc.eval_steps} needs a validation split: set validation.fraction "
-                                 f"(e.g. 0.1), or validation.source=file with data.val_file")
-        if self.validation.source == "rft_prompts" and self.validation.fraction and not self.data.rft_holdout:
+        if from_file and v.fraction:
+            raise ValueError(f"validation.fraction={v.fraction} with validation.source=file: the file is the whole "
+                             f"split; set validation.fraction=0, or validation.source=train or rft_prompts")
+        if v.source == "rft_prompts" and v.fraction and not d.rft_holdout:
             raise ValueError("validation.source=rft_prompts carves the split from RFT's own records: it needs "
                              "data.rft_holdout > 0 (or validation.source=train)")
+        for s in self.stages:
+            sc = getattr(self, s)
+            if sc.eval_steps and not (from_file or v.fraction):
+                raise ValueError(f"{s}.eval_steps={sc.eval_steps} needs a validation split: set validation.fraction "
+                                 f"(e.g. 0.1), or validation.source=file with data.val_file")
             if sc.metric_for_best_model is not None:
                 if not sc.eval_steps:
                     raise ValueError(f"{s}.metric_for_best_model needs {s}.eval_steps > 0")

@@ -135,7 +135,8 @@ def build_catalog(
     if autoload:
         # Plugins import the contracts (torch, pydantic): import them first, so each plugin's import
         # time (Catalog.import_s, checked by the contract kit) is its own work only; here, not at the
-        # top, so that importing the plugin manager (config, the CLI) does not import torch.
+        # top, so that importing this module alone (for the hook specs or the entry-point list) does not
+        # import torch.
         from . import contracts  # noqa: F401
 
         for ep in iter_entry_points():

@@ -503,3 +503,20 @@ def test_installing_a_plugin_changes_no_run_that_does_not_use_it(full_run, tiny_
     mine = json.loads((out / "metrics.json").read_text())
     res = ok(medtvt("eval", "--run", out, "--stage", "sft", "--quiet"))  # the plugin is installed here
     assert json.loads(res.stdout)["f1"] == mine["stages"]["sft"]["ce"]["f1"]
+
+
+def test_a_grid_may_vary_what_leaves_the_test_split_alone():
+    """``ablate --grid`` compares variants on one test split: fields that only divide the training records
+    (data.rft_holdout) or name the validation split (data.val_file) may vary, the others may not."""
+    from medtvt_core.config import resolve_config
+    from medtvt_core.errors import ConfigError
+    from medtvt_core.run.ablation import check_one_test_split
+
+    def cfgs(*variants: str) -> list:
+        return [resolve_config(preset="demo", sets=[v] if v else []) for v in variants]
+
+    check_one_test_split(cfgs("", "data.rft_holdout=0.3", "data.val_file=qa/other_val.json"))
+    for other in ("data.test_file=qa/other_test.json", "data.train_file=qa/other.json", "data.synth.seed=1",
+                  "data.synth.val_patients=12"):
+        with pytest.raises(ConfigError, match="do not share one test split"):
+            check_one_test_split(cfgs("", other))

@@ -285,7 +285,47 @@ def test_validation_from_the_datasets_own_split_costs_no_stage_a_record(tmp_path
     with pytest.raises(ConfigError, match=r"data.val_file 'qa/none.json' \(validation.source=file\) does not exist "
                                           r"under .*cohort; .* or set rft.eval_steps=0"):
         splits("validation.source=file", "data.val_file=qa/none.json", "rft.eval_steps=1")
+    test = json.loads((root / "qa" / "disease_test.json").read_text())
+    (root / "qa" / "val_leaks.json").write_text(json.dumps(val + test[:2]))  # two test records validate
+    with pytest.raises(ConfigError, match=r"data.val_file 'qa/val_leaks.json' shares 2 record id\(s\) with "
+                                          r"data.test_file \(.*\); the validation split must hold records of its own"):
+        splits("validation.source=file", "data.val_file=qa/val_leaks.json", "rft.eval_steps=1")
     with pytest.raises(ConfigError, match="validation.source=file needs data.val_file"):
         resolve_config(config_file=tiny_config, sets=["validation.source=file", "data.val_file=null"])
     with pytest.raises(ConfigError, match="eval_steps=1 needs a validation split"):
         resolve_config(config_file=tiny_config, sets=["validation.fraction=0", "rft.eval_steps=1"])
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.val_file=qa/disease_test.json"], "data.val_file=qa/disease_test.json is also data.test_file"),
+    (["data.val_file=qa/pt_ecg.json"], r"is also data.pt_files\[0\]"),
+    (["validation.fraction=0.2"], "validation.fraction=0.2 with validation.source=file: the file is the whole split"),
+    (["rft.metric_for_best_model=val_recall"], "rft.metric_for_best_model='val_recall'; allowed: val_f1, "),
+    (["rft.eval_steps=0"], r"rft.metric_for_best_model needs rft.eval_steps > 0"),
+])
+def test_validation_options_that_cannot_work_are_refused_in_one_line(sets, message):
+    """Checked on the demo preset (validation.source=file): each refusal names the option and what is allowed."""
+    from medtvt_core.config import resolve_config
+    from medtvt_core.errors import ConfigError
+
+    base = ["rft.metric_for_best_model=val_f1"] if "rft.eval_steps=0" in sets else []
+    with pytest.raises(ConfigError, match=message) as e:
+        resolve_config(preset="demo", sets=[*base, *sets])
+    assert "\n" not in str(e.value).strip()
+
+
+def test_the_stage_store_tells_validation_splits_apart(tmp_path):
+    """A stored stage is reused only by a run that validates on the same records the same way."""
+    from medtvt_core.config import resolve_config
+    from medtvt_core.run.orchestrator import stage_key
+
+    def key(*sets: str) -> str:
+        return stage_key(resolve_config(preset="demo", sets=list(sets)), "rft", tmp_path)
+
+    demo = key()
+    carved = ["validation.source=train", "validation.fraction=0.2"]
+    keys = [demo, key(*carved), key("validation.source=rft_prompts", "validation.fraction=0.2"),
+            key(*carved[:1], "validation.fraction=0.1"), key("data.val_file=qa/other_val.json"),
+            key("validation.samples=4"), key("rft.metric_for_best_model=val_f1")]
+    assert len(set(keys)) == len(keys)
+    assert key() == demo and key("rft.eval_steps=0") == key("rft.eval_steps=0", "validation.samples=4")

@@ -46,7 +46,12 @@ def _qa_files(root: Path, manifest: Mapping[str, Any] | None) -> tuple[list[str]
         return pt + train + held, set(train + held), pt + train
     files = sorted(str(p.relative_to(root)) for p in (root / "qa").glob("*.json")) if (root / "qa").is_dir() else []
     disease = {f for f in files if "disease" in Path(f).name}
-    return files, disease, [f for f in files if "test" not in Path(f).name and "val" not in Path(f).stem.split("_")]
+    return files, disease, [f for f in files if not _held_out(f)]
+
+
+def _held_out(file: str) -> bool:
+    """Whether a QA file named without a manifest is an evaluation or validation split (not training data)."""
+    return "test" in Path(file).name or "val" in Path(file).stem.split("_")
 
 
 def check_dataset(root: str | Path, *, modalities: Sequence[str] = ("ecg", "cxr", "lab"),
@@ -67,7 +72,7 @@ def check_dataset(root: str | Path, *, modalities: Sequence[str] = ("ecg", "cxr"
     if qa_files:
         files = list(qa_files)
         disease_files = {f for f in files if "disease" in Path(f).name}
-        train_files = [f for f in files if "test" not in Path(f).name]
+        train_files = [f for f in files if not _held_out(f)]
     if not files:
         rep.problems.append(f"{root}: no QA files (none listed in the manifest, none under qa/)")
         return rep

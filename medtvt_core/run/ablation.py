@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..build import validate_run
+from ..config import RunConfig
 from ..data.labels import DISEASES
 from ..data.manifest import read_manifest
 from ..data.synth import ensure_synthetic
@@ -51,6 +52,19 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 def variant_name(combo: dict[str, str]) -> str:
     return "__".join(f"{k.replace('.', '-')}-{v.replace('+', '_')}" for k, v in combo.items()) or "base"
+
+
+
+def check_one_test_split(configs: Sequence[RunConfig]) -> None:
+    """Refuse a grid whose variants could differ in their test records or in how they are read."""
+    # rft_holdout only splits the training records between SFT and RFT, and val_file names the validation
+    # split, so the test records stay the same and a grid may vary them (data.rft_holdout=0.3,0.5); any other
+    # data field could change them or how they are read (train_file/pt_files also change statistics fitted on
+    # training data and applied to test; data.synth writes one cohort for the whole grid).
+    train_only = {"rft_holdout", "val_file"}
+    if len({json.dumps(c.data.model_dump(mode="json", exclude=train_only), sort_keys=True) for c in configs}) > 1:
+        raise ConfigError("--grid: the variants do not share one test split (their data settings differ); "
+                          "vary data.* in separate ablations")
 
 
 def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: list[tuple[str, list[str]]],
@@ -90,15 +104,7 @@ def run_grid(resolve: Callable[[dict[str, Any], list[str], str], Any], axes: lis
         run_seeds = list(seeds) if seeds else [base.seed]
         configs[name] = [resolve(kw, extra + data_sets + [f"seed={s}"],
                                  str(out / name / f"seed-{s}") if seeds else str(out / name)) for s in run_seeds]
-    # rft_holdout only splits the training records between SFT and RFT, so the test records stay the same
-    # and a grid may vary it (data.rft_holdout=0.3,0.5); any other data field could change them or how
-    # they are read (train_file/pt_files also change statistics fitted on training data and applied to test).
-    train_only = {"rft_holdout"}
-    tests = {name: {json.dumps(c.data.model_dump(mode="json", exclude=train_only), sort_keys=True) for c in cs}
-             for name, cs in configs.items()}
-    if len({t for ts in tests.values() for t in ts}) > 1:
-        raise ConfigError("--grid: the variants do not share one test split (their data settings differ); "
-                          "vary data.* in separate ablations")
+    check_one_test_split([c for cs in configs.values() for c in cs])
     for cfgs in configs.values():
         for cfg in cfgs:
             validate_run(cfg)

@@ -63,7 +63,6 @@ from .validation import best_dirs, carve_validation, keep_best, make_callback, r
 log = logging.getLogger("medtvt.run")
 
 
-
 def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
     """Hash of everything the result of ``stage`` depends on (the stages before it included)."""
     upto = cfg.stages[: cfg.stages.index(stage) + 1]
@@ -88,7 +87,8 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
     if "rft" in upto:
         part["rewards"] = dump["rewards"]
     if any(getattr(cfg, s).eval_steps for s in cfg.stages):  # the validation split leaves every stage's data
-        part["validation"] = {"fraction": cfg.validation.fraction, **{s: dump[s]["metric_for_best_model"] for s in upto}}
+        # which records it takes (source, fraction; data.val_file is in "data") and how the kept step is chosen
+        part["validation"] = {**dump["validation"], **{s: dump[s]["metric_for_best_model"] for s in upto}}
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -172,8 +172,10 @@ class Run:
         validating = any(getattr(cfg, s).eval_steps for s in cfg.stages)
         if validating and v.source == "file" and not (self.data_root / cfg.data.val_file).is_file():
             stage = next(s for s in cfg.stages if getattr(cfg, s).eval_steps)
+            hint = (" (the synthetic cohort writes it with data.synth.val_patients > 0)"
+                    if cfg.data.root is None and not cfg.data.synth.val_patients else "")
             raise ConfigError(f"data.val_file {cfg.data.val_file!r} (validation.source=file) does not exist under "
-                              f"{self.data_root}; give the data set's validation QA file, carve a split from the "
+                              f"{self.data_root}{hint}; give the data set's validation QA file, carve a split from the "
                               f"training records (validation.source=train, validation.fraction=0.1) or set "
                               f"{stage}.eval_steps=0")
         self.splits = open_splits(
@@ -181,6 +183,14 @@ class Run:
             train_file=cfg.data.train_file, test_file=cfg.data.test_file,
             val_file=cfg.data.val_file if validating and v.source == "file" else None,
             on_bad_sample=cfg.data.on_bad_sample, catalog=catalog, seed=cfg.seed, persist_stats=self.is_main)
+        if "val" in self.splits:  # a validation record that a stage trains or is tested on measures nothing
+            val_ids = {r.id for r in self.splits["val"].records if r.id is not None}
+            for name, field in (("train", "data.train_file"), ("test", "data.test_file")):
+                shared = sorted(val_ids & {r.id for r in self.splits[name].records}) if name in self.splits else []
+                if shared:
+                    raise ConfigError(f"data.val_file {cfg.data.val_file!r} shares {len(shared)} record id(s) with "
+                                      f"{field} ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}); "
+                                      f"the validation split must hold records of its own")
         carve = bool(validating and v.source != "file" and v.fraction and "train" in self.splits)
         if carve and v.source == "train":
             self._carve_validation(self.splits["train"].records)
