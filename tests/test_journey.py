@@ -161,6 +161,25 @@ def test_export_with_merged_lora_gives_the_same_greedy_reports(demo, tmp_path):
     assert sum("<answer>" in t for t in pa.decode(ga)) >= 4  # a trained model: the comparison means something
 
 
+def test_the_readmes_python_gives_diagnoses_report(demo):
+    """README's Python block, run as written (its run directory and image swapped for this run's): the
+    report it prints is ``medtvt diagnose``'s for the same radiograph."""
+    import contextlib
+    import io
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "read_patient" in b)
+    image = str(demo / "data" / json.loads((demo / "data" / "qa" / "disease_test.json").read_text())[0]["image"][0])
+    code = code.replace('"runs/demo/', f'"{demo}/').replace('"image.jpg"', repr(image))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    cli = json.loads(ok(medtvt("diagnose", "--model", demo / "rft" / "final", "--cxr", image, "--samples", "0",
+                               "--json")).stdout)
+    assert printed.getvalue() == cli["report"] + "\n" and cli["modalities_given"] == ["cxr"]
+
+
 def test_automodel_and_bad_model_directories(demo, tmp_path):
     import medtvt_core  # noqa: F401  (registers the medtvt model type)
     from transformers import AutoModel

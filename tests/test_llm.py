@@ -207,6 +207,18 @@ def test_truncation_never_cuts_a_placeholder(proc):
     assert (f["input_ids"][0] == proc.placeholder_ids["ecg"]).sum() == 3  # prompt intact, answer cut
     g = dropper.generation_features(["a <ecg>", long_q], max_length=30)
     assert g["index"].tolist() == [0]
+    # the processor's call: the dropped sample's modality rows go with it (the ECG rows of a batch
+    # hold present samples only: sample 1's is row 0 here, sample 2's row 1)
+    read = {"prompts": ["a <ecg>", long_q, "c <ecg>"], "answers": ["answer " * 40, "b", "d"], "ids": ["r0", "r1", "r2"],
+            "modality_names": ["ecg", "lab"], "modality_mask": torch.tensor([[False, True], [True, True], [True, False]]),
+            "modality_inputs": {"ecg": torch.tensor([[1.0], [2.0]]), "lab": torch.tensor([[5.0], [6.0]])},
+            "modality_features": {}}
+    for answers in (True, False):
+        b = dropper(read, answers=answers, max_length=30)
+        assert b["index"].tolist() == [0, 2] and b["modality_mask"].tolist() == [[False, True], [True, False]]
+        assert b["modality_inputs"]["ecg"].tolist() == [[2.0]] and b["modality_inputs"]["lab"].tolist() == [[5.0]]
+        assert ("labels" in b) is answers and b["input_ids"].shape[0] == 2
+    assert proc(read, answers=False)["modality_inputs"] is read["modality_inputs"]  # nothing dropped: as read
 
 
 def test_generation_features_left_padded(proc):

@@ -39,7 +39,6 @@ def test_dropout_presents_a_dropped_modality_exactly_as_diagnose_presents_an_abs
     patient given only its ECG and radiograph files: same prompt ids and attention mask, same modality
     mask and inputs."""
     from medtvt_core.model.processing import MedTVTProcessor
-    from medtvt_core.run.diagnose import patient_batch
     from helpers import CORPUS
 
     readers, sp = splits
@@ -64,10 +63,15 @@ def test_dropout_presents_a_dropped_modality_exactly_as_diagnose_presents_an_abs
     raw = json.loads((cohort / TEST_FILE).read_text())[idx]
     assert raw["id"] == rec.id if "id" in raw else True
     given = {"ecg": (str(cohort / raw["ECG"][0]), {}), "cxr": (str(cohort / raw["image"][0]), {})}
-    inf = patient_batch(SimpleNamespace(modalities=MODS), proc, given, question=rec.question)
+    inf = proc.read_patient(given, rec.question, modalities=MODS)
 
-    a, b = proc.generation_features(batch["prompts"]), proc.generation_features(inf["prompts"])
+    # the model's batch, from the processor's call on each, for generation and for training
+    a, b = proc(batch, answers=False), proc(inf, answers=False)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    assert torch.equal(a["modality_mask"], b["modality_mask"]) and a["modality_features"] == b["modality_features"] == {}
+    train = proc(batch, answers=True, max_length=512)
+    assert torch.equal(train["input_ids"][0, :a["input_ids"].shape[1]], a["input_ids"][0])  # one sample: no padding
+    assert (train["labels"][0, :a["input_ids"].shape[1]] == -100).all() and (train["labels"][0] != -100).any()
     assert torch.equal(batch["modality_mask"], inf["modality_mask"])
     assert batch["modality_mask"].tolist() == [[True, True, False]]
     assert sorted(batch["modality_inputs"]) == sorted(inf["modality_inputs"]) == ["cxr", "ecg"]

@@ -62,6 +62,17 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(np.isfinite(x.detach().cpu().numpy()).all())
 
 
+def read_input(reader: ModalityReader, ref: str, *, root: Path | None, train: bool,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """``reader.load`` checked against the reader's contract: its ``sample_shape`` and finite values
+    (a :class:`DataError` otherwise). The one place an input is read, for datasets and ``diagnose``."""
+    x = reader.load(ref, root=root, train=train, generator=generator)
+    if tuple(x.shape) != tuple(reader.sample_shape) or not all_finite(x):
+        raise DataError(f"{reader.name} reader returned shape {tuple(x.shape)} (expected {tuple(reader.sample_shape)}) "
+                        f"or non-finite values for {ref!r}")
+    return x
+
+
 # ---------------------------------------------------------------------- modalities
 def registered_modalities(catalog: Catalog | None = None) -> dict[str, type[ModalityReader]]:
     """Every modality class of the catalog (default: the process-wide one), by name."""
@@ -271,11 +282,7 @@ class QADataset(torch.utils.data.Dataset):
                         self.encoders[name], mod, ref, root=self.root, train=self.train, encoder_id=self.encoder_ids[name])
                 else:
                     gen = self._generator(index, name) if mod.is_random(self.train) else None
-                    x = mod.load(ref, root=self.root, train=self.train, generator=gen)
-                    if tuple(x.shape) != tuple(mod.sample_shape) or not all_finite(x):
-                        raise DataError(f"{name} reader returned shape {tuple(x.shape)} (expected {tuple(mod.sample_shape)}) "
-                                        f"or non-finite values for {ref!r}")
-                    inputs[name] = x
+                    inputs[name] = read_input(mod, ref, root=self.root, train=self.train, generator=gen)
             except DataError as err:
                 reason = f"field {mod.record_field!r}: {err}"
                 if self.on_bad_sample == "fail":

@@ -61,16 +61,16 @@ def generate_reports(model: Any, processor: Any, batch: Mapping[str, Any], *, ma
     is never cut: that could drop a placeholder). ``prompts``: instead of the batch's. The
     train/eval mode is the caller's.
     """
-    texts = list(prompts if prompts is not None else batch["prompts"])
-    feats = processor.generation_features(texts, max_prompt_length, ids=batch.get("ids"))
-    if feats["index"].numel() != len(texts):
-        raise DataError(f"{len(texts) - feats['index'].numel()} prompt(s) over {length_option}={max_prompt_length}; "
+    n = len(prompts if prompts is not None else batch["prompts"])
+    feats = processor(batch, answers=False, max_length=max_prompt_length, prompts=prompts)
+    if feats["index"].numel() != n:
+        raise DataError(f"{n - feats['index'].numel()} prompt(s) over {length_option}={max_prompt_length}; "
                         f"raise it (prompts are never cut: that could drop a placeholder)")
     extra = {"logits_processor": list(logits_processor)} if logits_processor else {}
     device = model.device
     new = model.generate(feats["input_ids"].to(device), feats["attention_mask"].to(device),
-                         modality_mask=batch["modality_mask"], modality_inputs=batch["modality_inputs"],
-                         modality_features=batch["modality_features"], do_sample=do_sample, temperature=temperature,
+                         modality_mask=feats["modality_mask"], modality_inputs=feats["modality_inputs"],
+                         modality_features=feats["modality_features"], do_sample=do_sample, temperature=temperature,
                          top_p=top_p, top_k=top_k, num_return_sequences=num_return_sequences,
                          max_new_tokens=max_new_tokens, eos_token_id=processor.stop_token_ids,
                          pad_token_id=processor.pad_token_id, **extra)

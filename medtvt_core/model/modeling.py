@@ -327,7 +327,7 @@ class MedTVTForConditionalGeneration(MedTVTPreTrainedModel):
         am = attention_mask.to(self.device)
         if (am[:, -1] == 0).any():
             raise DataError("generation needs LEFT-padded prompts (the last position of every row must be a real "
-                            "token); build them with MedTVTProcessor.generation_features")
+                            "token); build them with the processor: processor(batch, answers=False)")
         embeds, _ = self.embed(input_ids, modality_mask, modality_inputs, modality_features)
         g = int(num_return_sequences)
         if g < 1:

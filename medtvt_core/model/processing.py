@@ -1,7 +1,9 @@
-"""``MedTVTProcessor``: the text side of a batch and the modality readers of a model.
+"""``MedTVTProcessor``: read samples -> the model's batch, and the modality readers of a model.
 
-Like a transformers processor (tokenizer + image processor), it is saved next to the model
-(``save_pretrained``: the tokenizer files and ``processor_config.json``) and holds:
+Like a transformers processor (tokenizer + image processor), its call turns what was read (a
+dataset's collated batch, or one patient's command-line inputs read by :meth:`read_patient`) into
+the model's batch, for training, evaluation, attribution, GRPO and ``diagnose`` alike; it is saved
+next to the model (``save_pretrained``: the tokenizer files and ``processor_config.json``) and holds:
 
 * the tokenizer (with one special token per modality placeholder, e.g. ``<ecg>``);
 * the modality readers (:class:`~medtvt_core.contracts.ModalityReader` plugins) with their options and
@@ -34,6 +36,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from ..build import build_readers
+from ..data.dataset import absent_text, read_input
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_write_text
 from ..plugins import Catalog
@@ -201,6 +204,65 @@ class MedTVTProcessor:
             keep.append(i)
         input_ids, mask = pad_sequences(seqs, self.pad_token_id, side="left")
         return {"input_ids": input_ids, "attention_mask": mask, "index": torch.tensor(keep, dtype=torch.long)}
+
+    # ---------------------------------------------------------------- the model's batch
+    def __call__(self, batch: Mapping[str, Any], *, answers: bool, max_length: int | None = None,
+                 prompts: Sequence[str] | None = None) -> dict[str, Any]:
+        """The model's batch from a batch of read samples (the dataset's collator or :meth:`read_patient`:
+        ``prompts``, ``answers``, ``ids``, ``modality_names``, ``modality_mask``, ``modality_inputs``,
+        ``modality_features``), like a transformers processor's call.
+
+        ``answers=True``: :meth:`train_features` (right padding, answer-only labels); ``False``:
+        :meth:`generation_features` (left padding). ``prompts``: instead of the batch's. ``index``: the
+        samples kept (``max_length`` with ``on_overflow="drop"`` may drop some); the modality tensors are
+        the kept samples' rows.
+        """
+        texts = list(prompts if prompts is not None else batch["prompts"])
+        ids = batch.get("ids")
+        feats = (self.train_features(texts, batch["answers"], max_length, ids=ids) if answers
+                 else self.generation_features(texts, max_length, ids=ids))
+        keep = feats["index"]
+        mask, inputs, features = batch["modality_mask"], batch["modality_inputs"], batch["modality_features"]
+        if keep.numel() != len(texts):
+            names = batch["modality_names"]
+            inputs = subset_modalities(mask, inputs, names, keep)
+            features = subset_modalities(mask, features, names, keep)
+            mask = mask[keep]
+        return {**feats, "modality_mask": mask, "modality_inputs": inputs, "modality_features": features}
+
+    def read_patient(self, inputs: Mapping[str, tuple[str, Mapping[str, str]]], question: str | None = None, *,
+                     modalities: Sequence[str]) -> dict[str, Any]:
+        """The batch of one patient, read through the readers: ``inputs`` maps modality -> (value, extra
+        options) as given on the command line; ``modalities`` are the model's, in order; an absent one is
+        masked and its placeholder replaced by :func:`~medtvt_core.data.dataset.absent_text`."""
+        unknown = [m for m in inputs if m not in modalities]
+        if unknown:
+            raise ConfigError(f"--{unknown[0]}: the model has no {unknown[0]} modality "
+                              f"(modalities: {', '.join(modalities)})")
+        if not inputs:
+            raise ConfigError("give at least one input: " + ", ".join(f"--{m}" for m in modalities))
+        q = question or self.default_question
+        if not q:
+            raise ConfigError("the model holds no default question; pass --question with the placeholders "
+                              + ", ".join(self.placeholders[m] for m in modalities))
+        mask = torch.zeros(1, len(modalities), dtype=torch.bool)
+        tensors: dict[str, torch.Tensor] = {}
+        for j, m in enumerate(modalities):
+            ph = self.placeholders[m]
+            if m not in inputs:
+                q = q.replace(ph, absent_text(m))
+                continue
+            if q.count(ph) != 1:
+                raise ConfigError(f"--question must hold the placeholder {ph} once for the given --{m} input")
+            value, extras = inputs[m]
+            try:
+                reader, root, ref = self.readers[m].for_input(value, dict(extras))
+            except ValueError as exc:
+                raise ConfigError(f"--{m}: {exc}") from None
+            mask[0, j] = True
+            tensors[m] = read_input(reader, ref, root=root, train=False).unsqueeze(0)  # the reader's errors name the file
+        return {"prompts": [q], "ids": None, "modality_names": list(modalities), "modality_mask": mask,
+                "modality_inputs": tensors, "modality_features": {}}
 
     # ---------------------------------------------------------------- decoding
     def decode(self, token_ids: torch.Tensor | Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:

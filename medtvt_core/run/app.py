@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, MedtvtError
-from .diagnose import diagnose_json, load_model_dir, patient_batch
+from .diagnose import diagnose_json, load_model_dir
 from .uploads import (
     _plt,
     attribution_figure,
@@ -125,7 +125,8 @@ class Diagnoser:
                 if not given:
                     raise AppInputError("give at least one input: " + ", ".join(self.modalities))
                 with self._lock:
-                    figs = self._figures(patient_batch(self.model, self.processor, given, question)) if figures else {}
+                    figs = (self._figures(self.processor.read_patient(given, question, modalities=self.model.modalities))
+                            if figures else {})
                     res = diagnose_json(self.model_dir, self.model, self.processor, given, question=question,
                                         max_new_tokens=max_new_tokens or self.max_new_tokens,
                                         samples=self.samples if samples is None else samples, progress=progress)

@@ -14,8 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..answers import answer_set
-from ..data.dataset import absent_text
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..model.generation import generate_reports
 from ..model.modeling import MedTVTForConditionalGeneration
 from ..model.processing import MedTVTProcessor
@@ -24,7 +23,7 @@ from ..plugins import Catalog
 from .attribution import patient_attribution
 from .layout import FINAL
 
-__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "diagnose_json", "patient_batch", "missing_notice"]
+__all__ = ["load_model_dir", "model_dir_of_run", "diagnose", "diagnose_json", "missing_notice"]
 
 #: ``progress(fraction done, what comes next)``: called between the steps of :func:`diagnose`.
 Progress = Callable[[float, str], None]
@@ -58,43 +57,6 @@ def load_model_dir(model_dir: Path, *, device: str | None = None, catalog: Catal
     return model, processor
 
 
-def patient_batch(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]],
-                  question: str | None = None) -> dict[str, Any]:
-    """The batch of one patient: ``inputs`` maps modality -> (value, extra options) as given on the
-    command line; absent modalities are masked and their placeholders replaced by text."""
-    unknown = [m for m in inputs if m not in model.modalities]
-    if unknown:
-        raise ConfigError(f"--{unknown[0]}: the model has no {unknown[0]} modality "
-                          f"(modalities: {', '.join(model.modalities)})")
-    if not inputs:
-        raise ConfigError("give at least one input: " + ", ".join(f"--{m}" for m in model.modalities))
-    q = question or processor.default_question
-    if not q:
-        raise ConfigError("the model holds no default question; pass --question with the placeholders "
-                          + ", ".join(processor.placeholders[m] for m in model.modalities))
-    mask = torch.zeros(1, len(model.modalities), dtype=torch.bool)
-    tensors: dict[str, torch.Tensor] = {}
-    for j, m in enumerate(model.modalities):
-        ph = processor.placeholders[m]
-        if m not in inputs:
-            q = q.replace(ph, absent_text(m))
-            continue
-        if q.count(ph) != 1:
-            raise ConfigError(f"--question must hold the placeholder {ph} once for the given --{m} input")
-        value, extras = inputs[m]
-        try:
-            reader, root, ref = processor.readers[m].for_input(value, dict(extras))
-        except ValueError as exc:
-            raise ConfigError(f"--{m}: {exc}") from None
-        x = reader.load(ref, root=root, train=False)
-        if tuple(x.shape) != tuple(reader.sample_shape) or not torch.isfinite(x).all():
-            raise DataError(f"--{m} {value}: the reader gave shape {tuple(x.shape)} or non-finite values "
-                            f"(expected {tuple(reader.sample_shape)})")
-        mask[0, j] = True
-        tensors[m] = x.unsqueeze(0)
-    return {"prompts": [q], "modality_mask": mask, "modality_inputs": tensors, "modality_features": {}}
-
-
 def missing_notice(model: Any, given: Any) -> str | None:
     """One line when modalities are absent and the model was not trained for that (no modality dropout)."""
     absent = [m for m in model.modalities if m not in given]
@@ -118,7 +80,7 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     """
     step = progress or (lambda f, d: None)
     step(0.0, "reading the inputs")
-    batch = patient_batch(model, processor, inputs, question)
+    batch = processor.read_patient(inputs, question, modalities=model.modalities)
     # generations: the greedy report; with attributions, the samples with every modality and (given more
     # than one) without each
     n_gen = 1 + (1 + (len(inputs) if len(inputs) > 1 else 0) if attribution else 0)

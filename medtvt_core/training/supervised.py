@@ -17,7 +17,6 @@ from transformers import Trainer, TrainerCallback
 
 from ..checkpoints import step_checkpoints
 from ..config import StageConfig
-from ..model.processing import subset_modalities
 from ..model.serialization import is_saved_model, load_weights
 from .arguments import training_arguments
 
@@ -56,17 +55,9 @@ class SupervisedCollator:
         self.max_length = max_length
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
-        batch = self.data_collator(items)
-        feats = self.processor.train_features(batch["prompts"], batch["answers"], self.max_length, ids=batch["ids"])
-        keep = feats.pop("index", None)
-        mask = batch["modality_mask"]
-        inputs, features = batch["modality_inputs"], batch["modality_features"]
-        if keep is not None and keep.numel() != len(batch["prompts"]):
-            names = batch["modality_names"]
-            inputs = subset_modalities(mask, inputs, names, keep)
-            features = subset_modalities(mask, features, names, keep)
-            mask = mask[keep]
-        return {**feats, "modality_mask": mask, "modality_inputs": inputs, "modality_features": features}
+        feats = self.processor(self.data_collator(items), answers=True, max_length=self.max_length)
+        feats.pop("index")
+        return feats
 
 
 def last_complete_checkpoint(out_dir: Path) -> str | None:
