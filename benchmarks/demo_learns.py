@@ -142,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/demo-seeds"), help="where to train (without --from)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--subsets", action="store_true", help="also evaluate every single modality and every pair")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the demo to measure instead of the preset's (repeatable; without --from)")
     args = ap.parse_args(argv)
     root = args.src
     if root is None:
         cmd = ["medtvt", "run", "--preset", "demo", "--seeds", args.seeds, "--out", str(args.out)]
         if args.subsets:
             cmd += ["--set", "eval.modality_subsets=[all-singles,all-pairs]"]
+        cmd += [a for kv in args.sets for a in ("--set", kv)]
         print("$ " + " ".join(cmd), flush=True)
         if subprocess.run(cmd).returncode:
             return 1

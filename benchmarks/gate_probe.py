@@ -29,7 +29,7 @@ def main() -> None:
     from medtvt_core.data.dataset import open_splits
     from medtvt_core.metrics.clinical import clinical_efficacy
     from medtvt_core.run.diagnose import load_model_dir, model_dir_of_run
-    from medtvt_core.run.evaluation import generate_reports
+    from medtvt_core.run.evaluation import dataset_reports
 
     cfg = resolve_config(config_file=a.run / "config.yaml")
     model, processor = load_model_dir(model_dir_of_run(a.run))
@@ -42,8 +42,8 @@ def main() -> None:
     if getattr(fusion, "gate", None) is None:
         raise SystemExit(f"{a.run}: the fusion has no CAO gates")
     e = cfg.eval
-    gen = lambda: generate_reports(model, processor, test, batch_size=e.batch_size,  # noqa: E731
-                                   max_new_tokens=e.max_new_tokens, limit=a.limit or e.limit, progress=False)
+    gen = lambda: dataset_reports(model, processor, test, batch_size=e.batch_size,  # noqa: E731
+                                  max_new_tokens=e.max_new_tokens, limit=a.limit or e.limit, progress=False)
     base = gen()
     out = {"n": len(base), "f1": clinical_efficacy([r["prediction"] for r in base],
                                                    [r["reference"] for r in base])["f1"]}

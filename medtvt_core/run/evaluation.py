@@ -29,16 +29,17 @@ from ..plugins import Catalog, get_catalog
 
 log = logging.getLogger("medtvt.eval")
 
-__all__ = ["generate_reports", "evaluate_records", "evaluate_model", "mean_rewards", "reward_values", "weights_by_disease",
+__all__ = ["dataset_reports", "evaluate_records", "evaluate_model", "mean_rewards", "reward_values", "weights_by_disease",
            "write_predictions", "per_record"]
 
 
 @torch.no_grad()
-def generate_reports(model: Any, processor: Any, dataset: Any, *, batch_size: int = 8, max_new_tokens: int = 600,
-                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     limit: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """One generated report per record: ``id``, ``prompt``, ``reference``, ``prediction``,
-    ``weights`` (modality -> weight, or None when the fusion does not weigh modalities)."""
+def dataset_reports(model: Any, processor: Any, dataset: Any, *, batch_size: int = 8, max_new_tokens: int = 600,
+                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                    limit: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """One report per record of ``dataset`` (each batch through :func:`~medtvt_core.model.generation.
+    generate_reports`): ``id``, ``prompt``, ``reference``, ``prediction``, ``weights`` (modality ->
+    weight, or None when the fusion does not weigh modalities)."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -198,8 +199,8 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
             raise ConfigError(f"eval.modalities: the model has no {unknown[0]!r} modality "
                               f"(modalities: {', '.join(dataset.modality_names)})")
         dataset = dataset.masked(withheld=[m for m in dataset.modality_names if m not in cfg.modalities])
-    records = generate_reports(model, processor, dataset, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                               do_sample=cfg.do_sample, limit=cfg.limit, progress=progress)
+    records = dataset_reports(model, processor, dataset, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                              do_sample=cfg.do_sample, limit=cfg.limit, progress=progress)
     if predictions_path is not None:
         write_predictions(records, predictions_path)
     if records_out is not None:

@@ -27,7 +27,7 @@ from ..io import save_figure
 from ..metrics.clinical import clinical_efficacy
 from ..plugins import get_catalog
 from ..stats import MIN_RECORDS, summarize_ablation
-from .evaluation import generate_reports, mean_rewards, per_record
+from .evaluation import dataset_reports, mean_rewards, per_record
 
 __all__ = ["subset_name", "evidence_of", "score_records", "evaluate_subsets", "subsets_markdown",
            "plot_subsets", "aggregate_subsets"]
@@ -110,9 +110,9 @@ def evaluate_subsets(model: Any, processor: Any, dataset: Any, eval_cfg: Any, *,
     for sub in subsets:
         name = subset_name(sub)
         ds = dataset.masked(withheld=[m for m in names if m not in sub])
-        recs = generate_reports(model, processor, ds, batch_size=eval_cfg.batch_size,
-                                max_new_tokens=eval_cfg.max_new_tokens, do_sample=eval_cfg.do_sample,
-                                limit=len(full), progress=progress)
+        recs = dataset_reports(model, processor, ds, batch_size=eval_cfg.batch_size,
+                               max_new_tokens=eval_cfg.max_new_tokens, do_sample=eval_cfg.do_sample,
+                               limit=len(full), progress=progress)
         rows[name] = _row(recs, sub, rewards)
         scores[name] = {0: score_records(recs, rewards)}
     metrics = ["f1", "answered", "reward", *(f"reward/{r.name}" for r in rewards)] if rewards else ["f1", "answered"]
@@ -269,9 +269,9 @@ def subsets_of_config(model: Any, processor: Any, dataset: Any, cfg: Any, *, ful
     evidence, source = evidence_of(cfg.eval.evidence, data_root, names)
     if cfg.eval.modalities is not None:  # the run's own reports lack some modalities: "all" is generated here
         e = cfg.eval
-        full_records = generate_reports(model, processor, dataset, batch_size=e.batch_size,
-                                        max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, limit=e.limit,
-                                        progress=progress)
+        full_records = dataset_reports(model, processor, dataset, batch_size=e.batch_size,
+                                       max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, limit=e.limit,
+                                       progress=progress)
     return evaluate_subsets(model, processor, dataset, cfg.eval, rewards=cfg.rewards, full_records=full_records,
                             subsets=[s for s in subsets if len(s) < len(names)], evidence=evidence,
                             evidence_source=source, progress=progress)

@@ -35,7 +35,7 @@ from ..metrics.clinical import clinical_efficacy, per_record_scores
 from ..model.serialization import load_weights
 from ..plugins import Catalog, get_catalog
 from .alarm import alarms_over_training, reward_hacking_alarm, validations
-from .evaluation import generate_reports, sampled_rewards
+from .evaluation import dataset_reports, sampled_rewards
 
 log = logging.getLogger("medtvt.validation")
 
@@ -78,8 +78,8 @@ def validate(model: Any, processor: Any, dataset: Any, *, rewards: Sequence[Any]
     t0 = time.perf_counter()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        recs = generate_reports(model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                progress=False)
+        recs = dataset_reports(model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               progress=False)
         sampled: dict[str, float | None] = {}
         if samples:
             mine = dataset.subset(dataset.records[state.process_index::state.num_processes])
