@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting of the demo to measure instead of the preset's (repeatable; without --from)")
     args = ap.parse_args(argv)
+    if args.src is not None and args.sets:
+        ap.error("--set changes what is trained: it cannot be used with --from (runs already trained)")
     root = args.src
     if root is None:
         cmd = ["medtvt", "run", "--preset", "demo", "--seeds", args.seeds, "--out", str(args.out)]

@@ -196,7 +196,7 @@ class ValidationConfig(_Strict):
                              "record, before data.rft_holdout divides the rest), rft_prompts (validation.fraction of "
                              "the records data.rft_holdout keeps for RFT, so SFT trains on exactly the records it "
                              "would without validation) or file (data.val_file, whole: no stage loses a record; "
-                             "fraction unused)")
+                             "fraction must be 0)")
     samples: int = Field(2, ge=0, description="sampled completions per validation record (at rft.temperature / "
                                               "top_p) for val_reward_sampled; 0: off")
     max_new_tokens: int | None = Field(None, ge=1, description="generation length (None: eval.max_new_tokens)")
@@ -325,13 +325,14 @@ class RunConfig(_Strict):
     def _validation_split(self) -> "RunConfig":
         v, d = self.validation, self.data
         from_file = v.source == "file"
-        if d.val_file is not None:
+        if from_file and d.val_file is not None and any(getattr(self, s).eval_steps for s in self.stages):
             others = {"data.train_file": d.train_file, "data.test_file": d.test_file,
                       **{f"data.pt_files[{i}]": f for i, f in enumerate(d.pt_files)}}
             clash = [k for k, f in others.items() if Path(f) == Path(d.val_file)]
             if clash:
                 raise ValueError(f"data.val_file={d.val_file} is also {', '.join(clash)}: the validation split "
-                                 f"must be a file no stage trains or is tested on")
+                                 f"must be a file no stage trains or is tested on (or validate nothing: "
+                                 f"<stage>.eval_steps=0)")
         if from_file and not d.val_file:
             raise ValueError("validation.source=file needs data.val_file (a disease-level QA file of the dataset)")
         if from_file and v.fraction:

@@ -161,7 +161,7 @@ def test_export_with_merged_lora_gives_the_same_greedy_reports(demo, tmp_path):
     assert sum("<answer>" in t for t in pa.decode(ga)) >= 4  # a trained model: the comparison means something
 
 
-def test_the_readmes_python_gives_diagnoses_report(demo):
+def test_the_readmes_python_gives_diagnoses_report(demo, one_torch_thread):
     """README's Python block, run as written (its run directory and image swapped for this run's): the
     report it prints is ``medtvt diagnose``'s for the same radiograph."""
     import contextlib

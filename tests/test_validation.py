@@ -329,3 +329,6 @@ def test_the_stage_store_tells_validation_splits_apart(tmp_path):
             key("validation.samples=4"), key("rft.metric_for_best_model=val_f1")]
     assert len(set(keys)) == len(keys)
     assert key() == demo and key("rft.eval_steps=0") == key("rft.eval_steps=0", "validation.samples=4")
+    # what RFT's validations compute does not retrain PT and SFT, which validate nothing in the demo
+    sft = lambda *sets: stage_key(resolve_config(preset="demo", sets=list(sets)), "sft", tmp_path)  # noqa: E731
+    assert sft("validation.samples=4", "validation.alarm_window=5") == sft() != sft(*carved)

@@ -62,14 +62,15 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(np.isfinite(x.detach().cpu().numpy()).all())
 
 
-def read_input(reader: ModalityReader, ref: str, *, root: Path | None, train: bool,
+def read_input(reader: ModalityReader, ref: str, *, root: Path | None, train: bool, what: str,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """``reader.load`` checked against the reader's contract: its ``sample_shape`` and finite values
-    (a :class:`DataError` otherwise). The one place an input is read, for datasets and ``diagnose``."""
+    (a :class:`DataError` that starts with ``what`` otherwise); how datasets and ``diagnose`` read a
+    sample's raw input (the feature cache reads, then encodes, in :mod:`.cache`)."""
     x = reader.load(ref, root=root, train=train, generator=generator)
     if tuple(x.shape) != tuple(reader.sample_shape) or not all_finite(x):
-        raise DataError(f"{reader.name} reader returned shape {tuple(x.shape)} (expected {tuple(reader.sample_shape)}) "
-                        f"or non-finite values for {ref!r}")
+        raise DataError(f"{what}: the reader returned shape {tuple(x.shape)} (expected {tuple(reader.sample_shape)}) "
+                        f"or non-finite values")
     return x
 
 
@@ -282,7 +283,8 @@ class QADataset(torch.utils.data.Dataset):
                         self.encoders[name], mod, ref, root=self.root, train=self.train, encoder_id=self.encoder_ids[name])
                 else:
                     gen = self._generator(index, name) if mod.is_random(self.train) else None
-                    inputs[name] = read_input(mod, ref, root=self.root, train=self.train, generator=gen)
+                    inputs[name] = read_input(mod, ref, root=self.root, train=self.train, generator=gen,
+                                              what=f"{name} input {ref!r}")
             except DataError as err:
                 reason = f"field {mod.record_field!r}: {err}"
                 if self.on_bad_sample == "fail":

@@ -260,7 +260,7 @@ class MedTVTProcessor:
             except ValueError as exc:
                 raise ConfigError(f"--{m}: {exc}") from None
             mask[0, j] = True
-            tensors[m] = read_input(reader, ref, root=root, train=False).unsqueeze(0)  # the reader's errors name the file
+            tensors[m] = read_input(reader, ref, root=root, train=False, what=f"--{m} {value}").unsqueeze(0)
         return {"prompts": [q], "ids": None, "modality_names": list(modalities), "modality_mask": mask,
                 "modality_inputs": tensors, "modality_features": {}}
 

@@ -54,7 +54,6 @@ def variant_name(combo: dict[str, str]) -> str:
     return "__".join(f"{k.replace('.', '-')}-{v.replace('+', '_')}" for k, v in combo.items()) or "base"
 
 
-
 def check_one_test_split(configs: Sequence[RunConfig]) -> None:
     """Refuse a grid whose variants could differ in their test records or in how they are read."""
     # rft_holdout only splits the training records between SFT and RFT, and val_file names the validation

@@ -86,9 +86,13 @@ def stage_key(cfg: RunConfig, stage: str, data_root: Path) -> str:
         part["fusion"] = dump["fusion"]  # PT runs without fusion: its result does not depend on it
     if "rft" in upto:
         part["rewards"] = dump["rewards"]
-    if any(getattr(cfg, s).eval_steps for s in cfg.stages):  # the validation split leaves every stage's data
-        # which records it takes (source, fraction; data.val_file is in "data") and how the kept step is chosen
-        part["validation"] = {**dump["validation"], **{s: dump[s]["metric_for_best_model"] for s in upto}}
+    if any(getattr(cfg, s).eval_steps for s in cfg.stages):
+        # the records a split carves leave every stage's data (source, fraction; data.val_file is in "data");
+        # what a validation computes matters to the stages that validate (the kept step is chosen from it)
+        v = dump["validation"]
+        validating = any(getattr(cfg, s).eval_steps for s in upto)
+        part["validation"] = {**(v if validating else {"source": v["source"], "fraction": v["fraction"]}),
+                              **{s: dump[s]["metric_for_best_model"] for s in upto}}
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
