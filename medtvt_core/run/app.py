@@ -125,11 +125,12 @@ class Diagnoser:
                 if not given:
                     raise AppInputError("give at least one input: " + ", ".join(self.modalities))
                 with self._lock:
-                    figs = (self._figures(self.processor.read_patient(given, question, modalities=self.model.modalities))
-                            if figures else {})
+                    read = self.processor.read_patient(given, question, modalities=self.model.modalities)
+                    figs = self._figures(read) if figures else {}
                     res = diagnose_json(self.model_dir, self.model, self.processor, given, question=question,
                                         max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                        samples=self.samples if samples is None else samples, progress=progress)
+                                        samples=self.samples if samples is None else samples, progress=progress,
+                                        batch=read)
             except MedtvtError as exc:
                 raise AppInputError(public_message(str(exc), [Path(tmp) / m for m in self.modalities] + [Path(tmp)])) from None
         return res, figs

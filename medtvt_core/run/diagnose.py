@@ -70,7 +70,7 @@ def missing_notice(model: Any, given: Any) -> str | None:
 def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]], *,
              question: str | None = None, max_new_tokens: int | None = None,
              attribution: bool = True, samples: int = 8, seed: int = 0,
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Progress | None = None, batch: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Report, disease set, modality weights and (optionally) per-disease attributions of one patient.
 
     Returns ``{"report", "diseases" (None without a valid answer block), "modality_weights"
@@ -80,7 +80,8 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     """
     step = progress or (lambda f, d: None)
     step(0.0, "reading the inputs")
-    batch = processor.read_patient(inputs, question, modalities=model.modalities)
+    if batch is None:  # ``batch``: the same inputs already read (the web app shows what the reader made)
+        batch = processor.read_patient(inputs, question, modalities=model.modalities)
     # generations: the greedy report; with attributions, the samples with every modality and (given more
     # than one) without each
     n_gen = 1 + (1 + (len(inputs) if len(inputs) > 1 else 0) if attribution else 0)
@@ -104,10 +105,10 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
 
 def diagnose_json(model_dir: Path, model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]],
                   *, question: str | None = None, max_new_tokens: int | None = None, samples: int = 8,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, batch: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What ``medtvt diagnose --json`` prints, and what the web app shows and its HTTP API returns:
     :func:`diagnose` (attributions from ``samples`` sampled reports, none when 0) plus ``"model"``."""
     res = diagnose(model, processor, inputs, question=question, max_new_tokens=max_new_tokens,
-                   attribution=samples > 0, samples=samples, progress=progress)
+                   attribution=samples > 0, samples=samples, progress=progress, batch=batch)
     res["model"] = str(model_dir)
     return res
