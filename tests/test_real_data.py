@@ -192,6 +192,29 @@ def test_files_of_lists_the_signal_files_the_header_names():
         WFDB_DIR / f"mixedsignals{s}" for s in (".hea", "_e.dat", "_p.dat", "_r.dat")]
 
 
+def test_files_of_parses_a_header_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """The feature cache asks for an input's files at every access: one wfdb parse per header as it is
+    on disk; a rewritten header (new size/mtime) is parsed again, and its list is wfdb's own."""
+    import os
+
+    copy_record("100_3chan", tmp_path)
+    mod = reader("100_3chan")
+    calls = []
+    real = wfdb.rdheader
+    monkeypatch.setattr(wfdb, "rdheader", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for _ in range(5):
+        assert mod.files_of("100_3chan", root=tmp_path) == [tmp_path / "100_3chan.hea", tmp_path / "100_3chan.dat"]
+    assert len(calls) == 1
+    hea = tmp_path / "100_3chan.hea"
+    shutil.copyfile(tmp_path / "100_3chan.dat", tmp_path / "other.dat")
+    hea.write_text(hea.read_text().replace("100_3chan.dat", "other.dat", 1))
+    st = hea.stat()
+    os.utime(hea, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a new stamp even on a coarse clock
+    want = [hea, *(tmp_path / f for f in dict.fromkeys(real(str(tmp_path / "100_3chan")).file_name))]
+    assert mod.files_of("100_3chan", root=tmp_path) == want and tmp_path / "other.dat" in want
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("text", ["this is not a record line\n", "", "100_3chan three 360 999\n"])
 def test_unparseable_header(tmp_path, text):
     copy_record("100_3chan", tmp_path)
