@@ -183,8 +183,12 @@ def _modality_options(f: Any) -> Any:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the model's.")
 @click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
               help="Sampled reports per condition for the modality attribution (0: no attribution).")
+@click.option("--unconstrained", is_flag=True,
+              help="Decode without the report grammar (the model's own format, malformed or not); by default "
+                   "every report is well-formed unless it reaches --max-new-tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
-def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, as_json, **inputs) -> None:
+def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, unconstrained, as_json,
+                 **inputs) -> None:
     """Print the report, the disease set and the modality weights for one patient; any modality may be absent.
 
     \b
@@ -216,7 +220,7 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
     with contextlib.redirect_stdout(sys.stderr):
         model, processor = load_model_dir(path)
         res = diagnose_json(path, model, processor, given, question=question, max_new_tokens=max_new_tokens,
-                            samples=samples)
+                            samples=samples, constrain=not unconstrained)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -224,7 +228,9 @@ def diagnose_cmd(model_dir, run_dir, stage, question, max_new_tokens, samples, a
         click.echo(res["notice"])
     click.echo(res["report"])
     click.echo("diseases: " + ("; ".join(res["diseases"]) if res["diseases"] else
-                               "(none)" if res["diseases"] is not None else "(no <answer> block)"))
+                               "(none)" if res["diseases"] is not None else
+                               "(no <answer> block" + (": the report reached its token budget)" if res["constrained"]
+                                                       else ")")))
     if res["modality_weights"]:
         click.echo("modality weights (CAO gates): " + ", ".join(f"{m} {w:.3f}" for m, w in res["modality_weights"].items()))
     att = res.get("attribution")

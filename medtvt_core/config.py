@@ -219,6 +219,11 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate only the first N test records")
     do_sample: bool = Field(False, description="greedy decoding by default")
+    constrained_decoding: bool = Field(
+        False, description="decode every evaluated report under the report grammar, as `medtvt diagnose` does "
+                           "(model.generation.REPORT_GRAMMAR): reports are then well-formed unless they run out of "
+                           "max_new_tokens, and the format reward no longer measures the model's own format; off: "
+                           "the model as it writes (docs/partial_patients.md)")
     # Literal: an unknown metric is refused with the config, not after training (as metrics.NLG_METRICS)
     metrics: list[Literal["bleu", "rouge", "meteor", "bertscore"]] = Field(
         default_factory=lambda: ["bleu", "rouge", "meteor", "bertscore"])

@@ -119,6 +119,7 @@ LAZY_PACKAGES = {
     "transformers", "accelerate", "trl", "peft", "tokenizers", "quicktok", "torch", "torchvision", "timm",
     "matplotlib", "scipy", "sklearn", "pandas", "nltk", "rouge_score", "bert_score", "sacrebleu", "safetensors",
     "wfdb", "soundfile", "PIL", "tensorboard", "gradio", "fastapi", "starlette", "uvicorn",
+    "xgrammar",  # imports torch and transformers; only constrained decoding needs it
 }
 #: file (or folder) -> the project modules it may import inside a function
 LAZY_PROJECT = {

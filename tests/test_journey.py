@@ -85,7 +85,7 @@ def test_the_demo_validates_rft_on_the_cohorts_validation_patients(demo):
 def test_diagnose_one_patient_with_every_modality(demo):
     res = json.loads(ok(medtvt("diagnose", "--run", demo, *_patient(demo), "--json", "--samples", "2")).stdout)
     report = res["report"]
-    assert "<answer>" in report
+    assert "<answer>" in report and res["constrained"] is True  # the report grammar by default
     # The strict rule restated: a disease set exactly when the report has one <answer>...</answer> block
     # (a malformed report must give null, never a guessed set).
     one_block = report.count("<answer>") == 1 and report.count("</answer>") == 1 \
@@ -105,6 +105,46 @@ def test_diagnose_one_patient_with_every_modality(demo):
     assert isinstance(att["other_names"], int) and 0 <= att["other_names"] <= 2 * 4
     text = ok(medtvt("diagnose", "--run", demo, *_patient(demo), "--samples", "0")).stdout
     assert text.startswith(res["report"]) and "diseases: " in text and "modality weights (CAO gates): " in text
+
+
+def test_constrained_decoding_makes_partial_patients_reports_well_formed_and_changes_no_well_formed_one(
+        demo, one_torch_thread):
+    """``diagnose``'s report grammar (model.generation.REPORT_GRAMMAR) on the trained model, 24 test patients
+    with ECG + labs only (the radiograph absent as diagnose presents it): every constrained greedy report
+    obeys the rule (restated) unless it used every new token, and every report the model writes
+    well-formed unconstrained comes out token for token the same."""
+    import re
+
+    from medtvt_core.data.dataset import open_splits
+    from medtvt_core.model.generation import generate_reports
+    from medtvt_core.run.diagnose import load_model_dir
+
+    # the grammar's rule restated: grpo_train.py's format regex after up to 4 whitespace characters, each
+    # block free of the four tags (a '<' in a block not before '/', 't', 'a' or '<')
+    block = r"(?:[^<]|<[^/ta<])*"
+    rule = re.compile(rf"\s{{0,4}}<think>{block}</think>\s{{0,4}}<answer>{block}</answer>", re.S)
+    model, proc = load_model_dir(demo / "rft" / "final")
+    test = open_splits(demo / "data", modalities=proc.readers, test_file="qa/disease_test.json", fit_stats=False,
+                       persist_stats=False)["test"].masked(withheld=["cxr"])
+    batch = test.collator()([test[i] for i in range(24)])
+    assert not batch["modality_mask"][:, model.modalities.index("cxr")].any()
+    assert all("(cxr not available)" in p for p in batch["prompts"])
+    free = generate_reports(model, proc, batch, max_new_tokens=192)
+    held = generate_reports(model, proc, batch, max_new_tokens=192, constrain=True)
+    stops = set(proc.stop_token_ids)
+
+    def tokens(row: torch.Tensor) -> list[int]:  # up to and including the first stop token
+        ids = row.tolist()
+        return ids[:next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))]
+
+    malformed = 0
+    for i, (a, b) in enumerate(zip(free.texts, held.texts)):
+        if rule.fullmatch(a):
+            assert b == a and tokens(free.completion_ids[i]) == tokens(held.completion_ids[i]), (a, b)
+        else:
+            malformed += 1
+        assert rule.fullmatch(b) or len(tokens(held.completion_ids[i])) == 192, b
+    assert sum(bool(rule.fullmatch(b)) for b in held.texts) >= 20, (malformed, held.texts)
 
 
 def test_a_model_copied_away_from_its_deleted_run_still_works(demo, tmp_path):

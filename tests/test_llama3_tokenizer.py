@@ -162,3 +162,76 @@ def test_an_unknown_eval_metric_is_refused_with_the_config(tmp_path):
     r = medtvt("run", "--preset", "demo", "--out", tmp_path / "run", "--set", "eval.metrics=[bleu,cider]")
     one_line_error(r, "eval.metrics", "cider", "'bleu', 'rouge', 'meteor' or 'bertscore'")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_report_grammar_on_llama3_tokens_accepts_exactly_the_well_formed_reports(tok, cohort):
+    """``diagnose``'s constrained decoding (model.generation.REPORT_GRAMMAR, masked by xgrammar) fed
+    LLaMA-3's token ids of whole reports, where each tag is several tokens: it accepts a report and
+    then the answer's end token exactly when the text obeys the rule restated here (the reference's
+    format regex after leading whitespace, each block free of the four tags, a '<' in a block not
+    followed by '/', 't', 'a' or '<', at most 4 whitespace characters before each block)."""
+    import re
+
+    import xgrammar as xgr
+
+    from medtvt_core.model.generation import compiled_report_grammar
+    from medtvt_core.model.processing import MedTVTProcessor
+
+    block = r"(?:[^<]|<[^/ta<])*"
+    rule = re.compile(rf"\s{{0,4}}<think>{block}</think>\s{{0,4}}<answer>{block}</answer>", re.S)
+    proc = MedTVTProcessor(tok, {}, 1, prompt_format="chat")
+    stop = proc.stop_token_ids
+    assert stop == [128001]  # the answer's end token (the tokenizer's EOS without prompt.answer_end_token)
+    grammar = compiled_report_grammar(proc, 128256)
+    answers = [m["content"] for f in sorted((cohort / "qa").glob("*.json")) for rec in json.loads(f.read_text())
+               for m in rec["messages"] if m["role"] == "assistant" and "<answer>" in m["content"]][:24]
+    assert len(answers) == 24
+    a = answers[0]
+    bad = [a.replace("</think>", ""), a.replace("</think>", "</answer>", 1), a + " and more", a.replace("<think>", ""),
+           a.replace("<answer>", "<answer><answer>"), "<think> x </think><answer> A </answer><answer> B </answer>",
+           "<answer> Sepsis </answer>", "<think> EF </think> so <answer> Sepsis </answer>",
+           a.replace(" </think>", " lactate <t </think>")]
+    good = [*answers, " \n" + answers[1], "<think></think><answer></answer>", "<think> EF < 40%, K <5 </think>\n<answer> Sepsis </answer>",
+            "<think>a</think>\n\n <answer> Sepsis; Pneumonia </answer>"]
+    bad += ["\n\n\n\n\n" + answers[2], answers[3].replace("</think>", "</think>\n \n \n ")]
+    for text in good + bad:
+        want = bool(rule.fullmatch(text))
+        assert want == (text in good), text
+        m = xgr.GrammarMatcher(grammar)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        fed = 0
+        for t in ids:
+            if not m.accept_token(t):
+                break
+            fed += 1
+        accepted = fed == len(ids) and m.accept_token(stop[0]) and m.is_terminated()
+        assert accepted == want, (text, fed, len(ids))
+
+
+def test_sampled_reports_under_the_grammar_with_the_seeded_sampler(llama3_dir, tok, one_torch_thread):
+    """The grammar masks before medtvt's seeded per-row sampler draws (the order generate_reports gives
+    them): a random LLaMA-3 model's sampled tokens, fed back to xgrammar, are each accepted, and every
+    text opens with ``<think>`` (four tokens in LLaMA-3) although random weights would rarely write it."""
+    import torch
+    import xgrammar as xgr
+    from transformers import LlamaForCausalLM
+
+    from medtvt_core.model.generation import compiled_report_grammar, report_constraint
+    from medtvt_core.model.processing import MedTVTProcessor
+    from medtvt_core.model.sampling import SeededRowSampler, row_generators
+
+    model = LlamaForCausalLM.from_pretrained(str(llama3_dir)).eval()
+    proc = MedTVTProcessor(tok, {}, 1, prompt_format="chat")
+    enc = tok(["Diagnose the patient."] * 4, return_tensors="pt", add_special_tokens=True)
+    n = 12
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, max_new_tokens=n, eos_token_id=proc.stop_token_ids,
+                             pad_token_id=proc.pad_token_id,
+                             logits_processor=[report_constraint(proc, 128256),
+                                               SeededRowSampler(row_generators(0, ["a", "b"], 2, "t"), max_steps=n)])
+    new = out[:, enc["input_ids"].shape[1]:]
+    for row in new.tolist():
+        text = tok.decode(row, skip_special_tokens=True)
+        assert text.lstrip().startswith("<think>") and "</answer>" not in text.split("</think>")[0], text
+        m = xgr.GrammarMatcher(compiled_report_grammar(proc, 128256))
+        assert all(m.accept_token(t) for t in row if t != proc.pad_token_id), text

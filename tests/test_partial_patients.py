@@ -154,6 +154,9 @@ def test_config_fields_and_subset_grammar():
     assert resolve_config(sets=["eval.modalities=lab+ecg"]).eval.modalities == ["lab", "ecg"]
     assert resolve_config(sets=["eval.modalities=all"]).eval.modalities is None
     assert resolve_config(sets=["eval.modality_subsets=ecg+lab,cxr"]).eval.modality_subsets == ["ecg+lab", "cxr"]
+    # evaluation scores the model as it writes unless asked to decode as diagnose does (the report grammar)
+    assert not any(resolve_config(preset=p).eval.constrained_decoding for p in ("demo", "study", "paper"))
+    assert resolve_config(sets=["eval.constrained_decoding=true"]).eval.constrained_decoding is True
     for bad, needle in (("sft.modality_dropout={note: 0.1}", "not a modality of the run"),
                         ("rft.modality_dropout={ecg: 1.0}", "not a probability"),
                         ("eval.modality_subsets=ecg+xray", "not a subset"),

@@ -52,17 +52,18 @@ def mask_modality(batch: Mapping[str, Any], modalities: Sequence[str], placehold
 
 @torch.no_grad()
 def _named(model: Any, processor: Any, batch: Mapping[str, Any], *, max_new_tokens: int, samples: int = 0,
-           temperature: float = 1.0) -> list[list[frozenset[str]]]:
+           temperature: float = 1.0, constrain: bool = False) -> list[list[frozenset[str]]]:
     """Per sample, the disease sets named by its reports (greedy: one; ``samples`` > 0: that many)."""
     g = max(samples, 1)
     made = generate_reports(model, processor, batch, do_sample=samples > 0, temperature=temperature,
-                            num_return_sequences=g, max_new_tokens=max_new_tokens)
+                            num_return_sequences=g, max_new_tokens=max_new_tokens, constrain=constrain)
     sets = [s or frozenset() for s in made.answer_sets()]
     return [sets[i * g:(i + 1) * g] for i in range(len(batch["prompts"]))]
 
 
 def dataset_attribution(model: Any, processor: Any, dataset: Any, *, batch_size: int, max_new_tokens: int,
-                        limit: int | None = None, diseases: Sequence[str] = DISEASES) -> dict[str, Any]:
+                        limit: int | None = None, diseases: Sequence[str] = DISEASES,
+                        constrain: bool = False) -> dict[str, Any]:
     """``{"method", "per_disease": {d: {"n", "named": rate with all, "named_without": {m: rate},
     "delta": {m: named - named_without[m]}}}}`` over records whose reference holds ``d``."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -74,9 +75,9 @@ def dataset_attribution(model: Any, processor: Any, dataset: Any, *, batch_size:
     for batch in loader:
         if not batch["ids"]:
             continue
-        full = _named(model, processor, batch, max_new_tokens=max_new_tokens)
+        full = _named(model, processor, batch, max_new_tokens=max_new_tokens, constrain=constrain)
         without = {m: _named(model, processor, mask_modality(batch, model.modalities, processor.placeholders, m),
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, constrain=constrain)
                    for j, m in enumerate(model.modalities) if bool(batch["modality_mask"][:, j].any())}
         for i, ref in enumerate(batch["answers"]):
             truth = answer_set(ref) or frozenset()
@@ -101,22 +102,24 @@ def dataset_attribution(model: Any, processor: Any, dataset: Any, *, batch_size:
 def patient_attribution(model: Any, processor: Any, batch: Mapping[str, Any], report: str | None = None, *,
                         samples: int = 8, seed: int = 0, temperature: float = 1.0,
                         max_new_tokens: int | None = None, diseases: Sequence[str] = DISEASES,
-                        progress: Callable[[int, str], None] | None = None) -> dict[str, Any]:
+                        progress: Callable[[int, str], None] | None = None, constrain: bool = False) -> dict[str, Any]:
     """``{"method", "samples", "p_named": {d: p}, "p_named_without": {m: {d: p}}, "delta": {d: {m: dp}},
     "other_names": n}`` for one patient (``batch`` of one sample); ``d`` runs over the ``diseases`` named
     in any report; ``other_names`` counts the sampled reports that name something outside them.
-    ``progress(k, what)`` is called after the k-th condition (1: every modality) is sampled."""
+    ``progress(k, what)`` is called after the k-th condition (1: every modality) is sampled. ``constrain``:
+    sample under the report grammar (:func:`~medtvt_core.model.generation.report_constraint`)."""
     mnt = max_new_tokens or processor.max_new_tokens
     given = [m for j, m in enumerate(model.modalities) if bool(batch["modality_mask"][0, j])]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        full = _named(model, processor, batch, max_new_tokens=mnt, samples=samples, temperature=temperature)[0]
+        full = _named(model, processor, batch, max_new_tokens=mnt, samples=samples, temperature=temperature,
+                      constrain=constrain)[0]
         wo = {}
         for k, m in enumerate(given if len(given) > 1 else []):
             if progress:
                 progress(1 + k, f"sampling reports without {m}")
             wo[m] = _named(model, processor, mask_modality(batch, model.modalities, processor.placeholders, m),
-                           max_new_tokens=mnt, samples=samples, temperature=temperature)[0]
+                           max_new_tokens=mnt, samples=samples, temperature=temperature, constrain=constrain)[0]
     reports = [*full, *(s for v in wo.values() for s in v)]
     # Sampled reports may name things outside the vocabulary ("disease", a misspelling): they are no
     # disease to attribute, so they are counted, not listed (the metrics count them as wrong names).

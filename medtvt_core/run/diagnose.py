@@ -70,13 +70,17 @@ def missing_notice(model: Any, given: Any) -> str | None:
 def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]], *,
              question: str | None = None, max_new_tokens: int | None = None,
              attribution: bool = True, samples: int = 8, seed: int = 0,
-             progress: Progress | None = None, batch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             progress: Progress | None = None, batch: Mapping[str, Any] | None = None,
+             constrain: bool = True) -> dict[str, Any]:
     """Report, disease set, modality weights and (optionally) per-disease attributions of one patient.
 
     Returns ``{"report", "diseases" (None without a valid answer block), "modality_weights"
     (None when the fusion weighs none), "attribution", "modalities_given", "question", "notice"}``;
     ``notice`` is one line when a modality is absent and the model never trained with one missing
-    (no modality dropout saved in its config), else None.
+    (no modality dropout saved in its config), else None. ``constrain``: every report (the greedy one and
+    the attribution's samples) is decoded under the report grammar, so it is well-formed unless it runs out
+    of ``max_new_tokens`` (:func:`~medtvt_core.model.generation.report_constraint`; ``"constrained"`` in
+    the result).
     """
     step = progress or (lambda f, d: None)
     step(0.0, "reading the inputs")
@@ -86,29 +90,31 @@ def diagnose(model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping
     # than one) without each
     n_gen = 1 + (1 + (len(inputs) if len(inputs) > 1 else 0) if attribution else 0)
     step(0.05, "writing the report")
-    text = generate_reports(model, processor, batch, max_new_tokens=max_new_tokens or processor.max_new_tokens).texts[0]
+    text = generate_reports(model, processor, batch, max_new_tokens=max_new_tokens or processor.max_new_tokens,
+                            constrain=constrain).texts[0]
     _, w = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
     weights = None if w is None else {m: float(w[0, j]) for j, m in enumerate(model.modalities)
                                       if bool(batch["modality_mask"][0, j])}
     found = answer_set(text)
     out = {"report": text, "diseases": sorted(found) if found is not None else None, "modality_weights": weights,
            "modalities_given": [m for m in model.modalities if m in inputs], "question": batch["prompts"][0],
-           "notice": missing_notice(model, inputs)}
+           "notice": missing_notice(model, inputs), "constrained": constrain}
     if attribution:
         done = lambda k, what: step(0.05 + 0.95 * (1 + k) / n_gen, what)  # noqa: E731
         done(0, "sampling reports with every modality")
         out["attribution"] = patient_attribution(model, processor, batch, text, samples=samples, seed=seed,
-                                                 max_new_tokens=max_new_tokens, progress=done)
+                                                 max_new_tokens=max_new_tokens, progress=done, constrain=constrain)
     step(1.0, "done")
     return out
 
 
 def diagnose_json(model_dir: Path, model: Any, processor: Any, inputs: Mapping[str, tuple[str, Mapping[str, str]]],
                   *, question: str | None = None, max_new_tokens: int | None = None, samples: int = 8,
-                  progress: Progress | None = None, batch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, batch: Mapping[str, Any] | None = None,
+                  constrain: bool = True) -> dict[str, Any]:
     """What ``medtvt diagnose --json`` prints, and what the web app shows and its HTTP API returns:
     :func:`diagnose` (attributions from ``samples`` sampled reports, none when 0) plus ``"model"``."""
     res = diagnose(model, processor, inputs, question=question, max_new_tokens=max_new_tokens,
-                   attribution=samples > 0, samples=samples, progress=progress, batch=batch)
+                   attribution=samples > 0, samples=samples, progress=progress, batch=batch, constrain=constrain)
     res["model"] = str(model_dir)
     return res

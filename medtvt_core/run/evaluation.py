@@ -36,7 +36,7 @@ __all__ = ["dataset_reports", "evaluate_records", "evaluate_model", "mean_reward
 @torch.no_grad()
 def dataset_reports(model: Any, processor: Any, dataset: Any, *, batch_size: int = 8, max_new_tokens: int = 600,
                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                    limit: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                    limit: int | None = None, progress: bool = True, constrain: bool = False) -> list[dict[str, Any]]:
     """One report per record of ``dataset`` (each batch through :func:`~medtvt_core.model.generation.
     generate_reports`): ``id``, ``prompt``, ``reference``, ``prediction``, ``weights`` (modality ->
     weight, or None when the fusion does not weigh modalities)."""
@@ -54,7 +54,7 @@ def dataset_reports(model: Any, processor: Any, dataset: Any, *, batch_size: int
         if not batch["ids"]:
             continue
         texts = generation.generate_reports(model, processor, batch, do_sample=do_sample, temperature=temperature,
-                                            top_p=top_p, max_new_tokens=max_new_tokens).texts
+                                            top_p=top_p, max_new_tokens=max_new_tokens, constrain=constrain).texts
         _, weights = model.modality_tokens(batch["modality_mask"], batch["modality_inputs"], batch["modality_features"])
         for i, text in enumerate(texts):
             w = None if weights is None else {m: float(weights[i, j]) for j, m in enumerate(model.modalities)
@@ -145,7 +145,7 @@ def evaluate_records(records: Sequence[dict[str, Any]], cfg: EvalConfig, *, trai
 @torch.no_grad()
 def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[Any], *, samples: int,
                     temperature: float, top_p: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
-                    limit: int | None = None) -> dict[str, Any]:
+                    limit: int | None = None, constrain: bool = False) -> dict[str, Any]:
     """Mean rewards of ``samples`` sampled reports per record (what GRPO maximises), each row drawn
     from its own generator seeded by (seed, record id, row): the same numbers whatever the batching.
 
@@ -168,7 +168,8 @@ def sampled_rewards(model: Any, processor: Any, dataset: Any, rewards: Sequence[
         texts = generation.generate_reports(model, processor, batch, do_sample=True, num_return_sequences=samples,
                                             max_new_tokens=max_new_tokens,
                                             logits_processor=[SeededRowSampler(gens, temperature=temperature,
-                                                                               top_p=top_p, max_steps=max_new_tokens)]).texts
+                                                                               top_p=top_p, max_steps=max_new_tokens)],
+                                            constrain=constrain).texts
         rows = [{"id": batch["ids"][i // samples], "prompt": batch["prompts"][i // samples],
                  "reference": batch["answers"][i // samples], "prediction": t}
                 for i, t in enumerate(texts)]  # record-major, as row_generators
@@ -200,7 +201,8 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
                               f"(modalities: {', '.join(dataset.modality_names)})")
         dataset = dataset.masked(withheld=[m for m in dataset.modality_names if m not in cfg.modalities])
     records = dataset_reports(model, processor, dataset, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                              do_sample=cfg.do_sample, limit=cfg.limit, progress=progress)
+                              do_sample=cfg.do_sample, limit=cfg.limit, progress=progress,
+                              constrain=cfg.constrained_decoding)
     if predictions_path is not None:
         write_predictions(records, predictions_path)
     if records_out is not None:
@@ -213,7 +215,8 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
             res["reward_sampled"] = sampled_rewards(
                 model, processor, dataset, rewards, samples=cfg.sampled_reward_samples,
                 temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=cfg.max_new_tokens,
-                batch_size=max(1, cfg.batch_size // cfg.sampled_reward_samples), seed=seed, limit=cfg.limit)
+                batch_size=max(1, cfg.batch_size // cfg.sampled_reward_samples), seed=seed, limit=cfg.limit,
+                constrain=cfg.constrained_decoding)
     return res
 
 

@@ -404,7 +404,7 @@ class Run:
                 test = test.masked(withheld=[m for m in test.modality_names if m not in e.modalities])
             res["attribution"] = dataset_attribution(self.model, self.processor, test,
                                                      batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                                     limit=e.limit)
+                                                     limit=e.limit, constrain=e.constrained_decoding)
             res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
         if last and self.cfg.eval.modality_subsets:
             res["subsets"] = subsets_of_config(self.model, self.processor, self.splits["test"], self.cfg,

@@ -68,7 +68,8 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     if run_dir is not None and cfg.eval.attribution and stage == cfg.stages[-1] and len(model.modalities) > 1:
         masked = test if key is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
         res["attribution"] = dataset_attribution(model, processor, masked, batch_size=cfg.eval.batch_size,
-                                                 max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit)
+                                                 max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
+                                                 constrain=cfg.eval.constrained_decoding)
         res["gate_check"] = gate_check(res.get("modality_weights") or {}, res["attribution"])
     if cfg.eval.modality_subsets:
         res["subsets"] = subsets_of_config(model, processor, test, cfg, full_records=records, data_root=root,

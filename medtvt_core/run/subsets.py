@@ -112,7 +112,7 @@ def evaluate_subsets(model: Any, processor: Any, dataset: Any, eval_cfg: Any, *,
         ds = dataset.masked(withheld=[m for m in names if m not in sub])
         recs = dataset_reports(model, processor, ds, batch_size=eval_cfg.batch_size,
                                max_new_tokens=eval_cfg.max_new_tokens, do_sample=eval_cfg.do_sample,
-                               limit=len(full), progress=progress)
+                               limit=len(full), progress=progress, constrain=eval_cfg.constrained_decoding)
         rows[name] = _row(recs, sub, rewards)
         scores[name] = {0: score_records(recs, rewards)}
     metrics = ["f1", "answered", "reward", *(f"reward/{r.name}" for r in rewards)] if rewards else ["f1", "answered"]
@@ -271,7 +271,7 @@ def subsets_of_config(model: Any, processor: Any, dataset: Any, cfg: Any, *, ful
         e = cfg.eval
         full_records = dataset_reports(model, processor, dataset, batch_size=e.batch_size,
                                        max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, limit=e.limit,
-                                       progress=progress)
+                                       progress=progress, constrain=e.constrained_decoding)
     return evaluate_subsets(model, processor, dataset, cfg.eval, rewards=cfg.rewards, full_records=full_records,
                             subsets=[s for s in subsets if len(s) < len(names)], evidence=evidence,
                             evidence_source=source, progress=progress)
