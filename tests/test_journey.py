@@ -122,7 +122,7 @@ def test_constrained_decoding_makes_partial_patients_reports_well_formed_and_cha
     # the grammar's rule restated: grpo_train.py's format regex after up to 4 whitespace characters, each
     # block free of the four tags (a '<' in a block not before '/', 't', 'a' or '<')
     block = r"(?:[^<]|<[^/ta<])*"
-    rule = re.compile(rf"\s{{0,4}}<think>{block}</think>\s{{0,4}}<answer>{block}</answer>", re.S)
+    rule = re.compile(rf"[ \t\r\n]{{0,4}}<think>{block}</think>[ \t\r\n]{{0,4}}<answer>{block}</answer>", re.S)
     model, proc = load_model_dir(demo / "rft" / "final")
     test = open_splits(demo / "data", modalities=proc.readers, test_file="qa/disease_test.json", fit_stats=False,
                        persist_stats=False)["test"].masked(withheld=["cxr"])

@@ -305,8 +305,8 @@ def test_eval_by_available_modalities_matches_a_split_with_the_modalities_remove
     # the demo preset trains with modality dropout, and the model says so in its config
     meta = json.loads((full_run.out / "rft" / "final" / "config.json").read_text())
     assert set(meta["modality_dropout"]) == {"sft", "rft"} and meta["modality_dropout"]["sft"]["lab"] > 0
-    a, c = tmp_path / "a", tmp_path / "c"
-    for d in (a, c):
+    a, c, k = tmp_path / "a", tmp_path / "c", tmp_path / "k"
+    for d in (a, c, k):
         shutil.copytree(full_run.out, d, ignore=shutil.ignore_patterns("checkpoint-*"))
     # run c reads a copy of the cohort whose test split lacks CXR and labs (other files linked, not copied)
     root = tmp_path / "data"
@@ -329,10 +329,19 @@ def test_eval_by_available_modalities_matches_a_split_with_the_modalities_remove
     cfg["data"]["root"] = str(root)
     (c / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    ra, rc = medtvt_all(("eval", "--run", a, "--quiet", "--set", "eval.modality_subsets=all-singles",
-                         "--set", "eval.attribution=false"),
-                        ("eval", "--run", c, "--quiet", "--modalities", "ecg,lab", "--set", "eval.attribution=false"))
+    ra, rc, rk = medtvt_all(("eval", "--run", a, "--quiet", "--set", "eval.modality_subsets=all-singles",
+                             "--set", "eval.attribution=false"),
+                            ("eval", "--run", c, "--quiet", "--modalities", "ecg,lab", "--set", "eval.attribution=false"),
+                            ("eval", "--run", k, "--quiet", "--set", "eval.constrained_decoding=true",
+                             "--set", "eval.attribution=false"))
     sa, sc = json.loads(ok(ra).stdout), json.loads(ok(rc).stdout)
+    # decoded as diagnose decodes (the report grammar): kept apart from the run's own numbers and reports
+    ok(rk)
+    mk = json.loads((k / "metrics.json").read_text())
+    assert mk["stages"]["rft"] == full_run.metrics["stages"]["rft"]
+    assert mk["constrained_decoding"]["all"]["rft"]["constrained_decoding"] is True
+    assert (k / "eval" / "rft.jsonl").read_text() == (full_run.out / "eval" / "rft.jsonl").read_text()
+    assert len((k / "eval" / "rft-constrained.jsonl").read_text().splitlines()) == mk["constrained_decoding"]["all"]["rft"]["n"]
     table = json.loads((a / "metrics.json").read_text())["stages"]["rft"]["subsets"]
     assert table["subsets"] == ["all", "ecg", "cxr", "lab"] and sa["subsets"]["ecg"]["f1"] == table["rows"]["ecg"]["f1"]
     # the full-input row is the run's own evaluation

@@ -216,3 +216,18 @@ def test_subset_table_over_seeds_is_mean_and_std():
     ecg = next(ln for ln in lines if ln.startswith("| ecg |")).split(" | ")
     assert ecg[1] == f"{statistics.mean([0.4, 0.5, 0.3]):.3f} ± {statistics.stdev([0.4, 0.5, 0.3]):.3f}"
     assert ecg[-1].rstrip(" |") == f"{statistics.mean([-0.05, 0.05, 0.0]):.3f} ± {statistics.stdev([-0.05, 0.05, 0.0]):.3f}"
+
+
+def test_constrained_decoding_is_refused_under_python_O():
+    """xgrammar's transformers processor advances each row's parser inside an ``assert``: under ``python -O``
+    it would silently stop constraining, so medtvt refuses it in one line instead."""
+    import subprocess
+    import sys
+
+    code = ("from medtvt_core.model.generation import report_constraint\n"
+            "from medtvt_core.errors import ConfigError\n"
+            "try:\n    report_constraint(None, 10)\nexcept ConfigError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused: constrained decoding does not work under python -O"), r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1

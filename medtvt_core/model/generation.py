@@ -5,14 +5,16 @@ rollouts all call :func:`generate_reports`, so a report is made the same way whe
 
 ``constrain=True`` decodes under :data:`REPORT_GRAMMAR` (xgrammar masks, at each step, the tokens
 that would break ``<think> ... </think><answer> ... </answer>`` and allows a stop token only after
-the answer closes). A report the model writes well-formed on its own is unchanged by it; a malformed
-one becomes the nearest well-formed path of the model. ``diagnose`` uses it by default; evaluation
+the answer closes). A report the model writes inside the grammar anyway is unchanged by it; elsewhere
+each step takes the model's choice among the allowed tokens (a greedy path, not the most likely
+well-formed report). ``diagnose`` uses it by default; evaluation
 only when asked (``eval.constrained_decoding``, so the format reward measures the model); GRPO
 never (its format reward must see the policy's own mistakes). docs/partial_patients.md.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -20,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..answers import answer_set
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["GeneratedReports", "REPORT_GRAMMAR", "compiled_report_grammar", "completion_mask", "generate_reports",
            "report_constraint"]
@@ -45,15 +47,21 @@ _COMPILED: "weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], Any
 def compiled_report_grammar(processor: Any, vocab_size: int) -> Any:
     """:data:`REPORT_GRAMMAR` compiled for the processor's tokenizer (an ``xgrammar.CompiledGrammar``
     whose stop tokens are the processor's ``stop_token_ids``), once per tokenizer. ``vocab_size``: the
-    model's embedding rows (may exceed the tokenizer's length)."""
+    rows of the model's logits (may exceed the tokenizer's length). A tokenizer xgrammar cannot read is
+    a :class:`ConfigError`."""
     import xgrammar as xgr
 
     tok = processor.tokenizer
     key = (int(vocab_size), tuple(processor.stop_token_ids))
     per_tok = _COMPILED.setdefault(tok, {})
     if key not in per_tok:
-        info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=key[0], stop_token_ids=list(key[1]))
-        per_tok[key] = xgr.GrammarCompiler(info).compile_grammar(REPORT_GRAMMAR)
+        try:
+            info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=key[0], stop_token_ids=list(key[1]))
+            per_tok[key] = xgr.GrammarCompiler(info).compile_grammar(REPORT_GRAMMAR)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise ConfigError(f"the report grammar cannot be compiled for tokenizer {type(tok).__name__} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                              f"decode without it (diagnose --unconstrained)") from None
     return per_tok[key]
 
 
@@ -63,6 +71,9 @@ def report_constraint(processor: Any, vocab_size: int) -> Any:
     parser state)."""
     from xgrammar.contrib.hf import LogitsProcessor
 
+    if sys.flags.optimize:  # xgrammar's processor advances each row's parser inside an assert statement
+        raise ConfigError("constrained decoding does not work under python -O / PYTHONOPTIMIZE (xgrammar's "
+                          "processor advances its parser in an assert); run without it, or decode unconstrained")
     return LogitsProcessor(compiled_report_grammar(processor, vocab_size))
 
 
@@ -116,7 +127,8 @@ def generate_reports(model: Any, processor: Any, batch: Mapping[str, Any], *, ma
         raise DataError(f"{n - feats['index'].numel()} prompt(s) over {length_option}={max_prompt_length}; "
                         f"raise it (prompts are never cut: that could drop a placeholder)")
     # The grammar masks first: a custom sampler given here (SeededRowSampler) then draws among allowed tokens.
-    procs = [report_constraint(processor, model.get_input_embeddings().weight.shape[0])] if constrain else []
+    # the logits' width: the LLM config's vocabulary (the embedding's shape is empty under ZeRO-3)
+    procs = [report_constraint(processor, int(model.config.text_config.vocab_size))] if constrain else []
     procs += list(logits_processor or [])
     extra = {"logits_processor": procs} if procs else {}
     device = model.device

@@ -209,6 +209,8 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, cfg: EvalConfig, *,
         records_out.extend(records)
     res = evaluate_records(records, cfg, train_answers=train_answers)
     res["modalities"] = [m for m in dataset.modality_names if m not in dataset.withheld]
+    if cfg.constrained_decoding:  # the numbers of diagnose's decoding, not of the model as it writes
+        res["constrained_decoding"] = True
     if rewards:
         res["reward"] = mean_rewards(records, rewards)
         if sampling is not None and cfg.sampled_reward_samples:

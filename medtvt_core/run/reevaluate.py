@@ -57,16 +57,18 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
         test.attach_cache(dict(model.encoders), FeatureCache(cache_dir))
         encode_dataset(test, batch_size=32)
     stage = stage or Path(model_dir).parent.name
-    # An evaluation with fewer modalities is kept apart: it never replaces the run's own numbers.
-    key = None if cfg.eval.modalities is None else "+".join(m for m in test.modality_names if m in cfg.eval.modalities)
-    pred_name = f"{stage}.jsonl" if key is None else f"{stage}-{key}.jsonl"
+    # An evaluation with fewer modalities, or decoded under the report grammar, is kept apart: it never
+    # replaces the run's own numbers (metrics.json by_modalities / constrained_decoding, its own predictions).
+    mods = None if cfg.eval.modalities is None else "+".join(m for m in test.modality_names if m in cfg.eval.modalities)
+    constrained = cfg.eval.constrained_decoding
+    pred_name = f"{stage}{'-' + mods if mods else ''}{'-constrained' if constrained else ''}.jsonl"
     records: list[dict[str, Any]] = []
     res = evaluate_model(model, processor, test, cfg.eval, rewards=cfg.rewards,
                          train_answers=[r.answer for r in splits["train"].records] if "train" in splits else (),
                          predictions_path=(Path(run_dir) / "eval" / pred_name) if run_dir else None,
                          progress=progress, sampling=cfg.rft, seed=cfg.seed, records_out=records)
     if run_dir is not None and cfg.eval.attribution and stage == cfg.stages[-1] and len(model.modalities) > 1:
-        masked = test if key is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
+        masked = test if mods is None else test.masked(withheld=[m for m in test.modality_names if m not in cfg.eval.modalities])
         res["attribution"] = dataset_attribution(model, processor, masked, batch_size=cfg.eval.batch_size,
                                                  max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
                                                  constrain=cfg.eval.constrained_decoding)
@@ -77,14 +79,16 @@ def evaluate_saved(*, run_dir: Path | None = None, stage: str | None = None, mod
     if run_dir is not None:
         path = Path(run_dir) / "metrics.json"
         summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-        if key is None:
+        if constrained:
+            summary.setdefault("constrained_decoding", {}).setdefault(mods or "all", {})[stage] = res
+        elif mods is None:
             summary.setdefault("stages", {})[stage] = res
             if "baseline" in res:
                 summary["baseline"] = res["baseline"]
         else:
-            summary.setdefault("by_modalities", {}).setdefault(key, {})[stage] = res
+            summary.setdefault("by_modalities", {}).setdefault(mods, {})[stage] = res
         write_json(path, summary)
-        if key is None and res.get("subsets"):  # report.md shows the new table
+        if mods is None and not constrained and res.get("subsets"):  # report.md shows the new table
             hist = Path(run_dir) / "history.json"
             write_report(Path(run_dir), cfg, summary, json.loads(hist.read_text()) if hist.is_file() else {})
     ce = res["ce"]
