@@ -7,9 +7,9 @@ rollouts all call :func:`generate_reports`, so a report is made the same way whe
 that would break ``<think> ... </think><answer> ... </answer>`` and allows a stop token only after
 the answer closes). A report the model writes inside the grammar anyway is unchanged by it; elsewhere
 each step takes the model's choice among the allowed tokens (a greedy path, not the most likely
-well-formed report). ``diagnose`` uses it by default; evaluation
-only when asked (``eval.constrained_decoding``, so the format reward measures the model); GRPO
-never (its format reward must see the policy's own mistakes). docs/partial_patients.md.
+well-formed report). ``diagnose`` uses it by default; evaluation only when asked
+(``eval.constrained_decoding``, so the format reward measures the model); GRPO never (its format
+reward must see the policy's own mistakes). docs/partial_patients.md.
 """
 
 from __future__ import annotations
